@@ -1,0 +1,41 @@
+# visrec-pipeline: the two commands a new machine needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export VISREC_DATA_DIR ?= $(CURDIR)/data
+export VISREC_DATASET ?= demo
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: help uv install demo test ui bench clean
+
+help:
+	@echo "make demo   set up and materialize the whole pipeline on VISREC_DATASET (default: bundled demo)"
+	@echo "make test   set up and run the whole test suite"
+	@echo "make ui     open the Dagster UI on http://$(HOST):$(PORT)"
+	@echo "make bench  run the benchmarks in bench/"
+
+uv:
+	@command -v uv >/dev/null 2>&1 || test -x "$(UV)" || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+
+install: uv
+	@$(UV) sync --frozen --quiet
+
+demo: install
+	@$(UV) run --frozen python -m visrec_pipeline.cli demo
+
+test: install
+	@$(UV) run --frozen pytest
+
+ui: install
+	@echo "Dagster UI: http://$(HOST):$(PORT)  (DAGSTER_HOME=$(DAGSTER_HOME))"
+	@$(UV) run --frozen dagster dev -h $(HOST) -p $(PORT)
+
+bench: uv
+	@$(UV) sync --frozen --quiet --group bench
+	@for b in bench/*.py; do echo "== $$b"; $(UV) run --frozen --group bench python $$b || exit 1; done
+
+clean:
+	rm -rf data dagster_home/storage dagster_home/history dagster_home/logs dagster_home/schedules

@@ -1,0 +1,55 @@
+"""The Dagster code location: every asset, check, job, sensor and resource.
+
+Each ``visrec_pipeline.defs.<module>`` exposes ``defs`` (a ``dg.Definitions``);
+they are merged here with the shared resources and the executor.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import dagster as dg
+
+from visrec_pipeline.defs.resources import default_resources
+
+_MODULES = (
+    "ingest",
+    "images",
+    "embeddings",
+    "triples",
+    "models",
+    "report",
+    "refresh",
+)
+
+# Each step runs in a process forked from a server that has already imported
+# torch and the pipeline, so a step starts in well under a second.
+EXECUTOR = dg.multiprocess_executor.configured(
+    {
+        "max_concurrent": 2,
+        "start_method": {"forkserver": {"preload_modules": ["visrec_pipeline.definitions"]}},
+    }
+)
+
+
+def _module_defs() -> list[dg.Definitions]:
+    found = []
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"visrec_pipeline.defs.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"visrec_pipeline.defs.{name}":
+                raise
+            continue
+        found.append(module.defs)
+    return found
+
+
+def build_definitions(resources: dict | None = None) -> dg.Definitions:
+    return dg.Definitions.merge(
+        *_module_defs(),
+        dg.Definitions(resources=resources or default_resources(), executor=EXECUTOR),
+    )
+
+
+defs = build_definitions()
