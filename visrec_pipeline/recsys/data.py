@@ -1,0 +1,225 @@
+"""Index maps, a CSR matrix of interactions, the holdout and the training data.
+
+Items are indexed ``0..n_items-1`` in ascending ``item_id`` over the whole
+catalogue (so items never seen in training still get a score); users
+``0..n_users-1`` in ascending ``user_id`` over the training rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+class UnknownIdError(KeyError):
+    """An id that the index map does not contain."""
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    ids: np.ndarray  # sorted, unique int64
+
+    @classmethod
+    def from_ids(cls, ids) -> "IndexMap":
+        return cls(np.unique(np.asarray(ids, dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def index(self, ids, *, allow_missing: bool = False) -> np.ndarray:
+        """Indices of ``ids``; unknown ids raise, or map to -1 with ``allow_missing``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
+        found = (len(self) > 0) & (self.ids[pos_clipped] == ids) if len(self) else np.zeros(ids.shape, bool)
+        if not np.all(found):
+            if not allow_missing:
+                missing = ids[~found]
+                raise UnknownIdError(f"{missing.size} unknown id(s), e.g. {missing[:5].tolist()}")
+            return np.where(found, pos_clipped, -1).astype(np.int64)
+        return pos_clipped.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CSR:
+    """Compressed sparse rows of a binary matrix; column indices sorted within a row."""
+
+    indptr: np.ndarray  # int64 [n_rows + 1]
+    indices: np.ndarray  # int64 [nnz]
+    n_cols: int
+
+    @classmethod
+    def from_pairs(cls, rows, cols, n_rows: int, n_cols: int) -> "CSR":
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.lexsort((cols, rows))
+        rows, cols = rows[order], cols[order]
+        if rows.size:
+            keep = np.ones(rows.size, bool)
+            keep[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+            rows, cols = rows[keep], cols[keep]
+        counts = np.bincount(rows, minlength=n_rows)
+        indptr = np.zeros(n_rows + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return cls(indptr, cols, int(n_cols))
+
+    @classmethod
+    def from_lists(cls, lists, n_cols: int) -> "CSR":
+        lengths = np.fromiter((len(x) for x in lists), np.int64, count=len(lists))
+        rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+        cols = np.concatenate([np.asarray(x, np.int64) for x in lists]) if len(lists) else np.zeros(0, np.int64)
+        return cls.from_pairs(rows, cols, len(lists), n_cols)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.indices[self.indptr[i] : self.indptr[i + 1]]
+
+    def row_ids(self) -> np.ndarray:
+        """Row index of every stored entry (aligned with ``indices``)."""
+        return np.repeat(np.arange(self.n_rows, dtype=np.int64), self.lengths())
+
+    def take_rows(self, rows) -> "CSR":
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths()[rows]
+        indptr = np.zeros(rows.size + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        starts = self.indptr[rows]
+        # gather positions without a Python loop over rows
+        offsets = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], lengths)
+        idx = np.repeat(starts, lengths) + offsets
+        return CSR(indptr, self.indices[idx], self.n_cols)
+
+    def to_dense(self, rows=None, *, device=None, dtype=torch.float32) -> torch.Tensor:
+        sub = self if rows is None else self.take_rows(rows)
+        out = torch.zeros((sub.n_rows, self.n_cols), dtype=dtype, device=device)
+        r = torch.as_tensor(sub.row_ids(), device=device)
+        c = torch.as_tensor(sub.indices, device=device)
+        out[r, c] = 1
+        return out
+
+    def padded(self, rows=None, *, max_len: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items [b, L] padded with 0, mask [b, L]); with ``max_len`` keep the last ``max_len`` entries."""
+        sub = self if rows is None else self.take_rows(rows)
+        lengths = sub.lengths()
+        L = int(lengths.max()) if lengths.size else 0
+        if max_len is not None:
+            L = min(L, max_len)
+        L = max(L, 1)
+        b = sub.n_rows
+        items = np.zeros((b, L), np.int64)
+        mask = np.zeros((b, L), bool)
+        take = np.minimum(lengths, L)
+        row_ids = np.repeat(np.arange(b), take)
+        slot = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+        # the last `take` entries of each row
+        src = np.repeat(sub.indptr[1:] - take, take) + slot
+        items[row_ids, slot] = sub.indices[src]
+        mask[row_ids, slot] = True
+        return torch.as_tensor(items, device=device), torch.as_tensor(mask, device=device)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Evaluation rows: a profile (training items) and the items to predict."""
+
+    user_idx: np.ndarray  # int64 [m]; -1 for a user without training rows
+    profile: CSR  # [m x n_items]
+    predict: CSR  # [m x n_items]
+    user_ids: np.ndarray | None = None  # original ids, for reporting
+
+    def __len__(self) -> int:
+        return int(self.user_idx.shape[0])
+
+
+@dataclass
+class RecData:
+    """Training interactions over the full catalogue plus the holdout."""
+
+    users: IndexMap
+    items: IndexMap
+    train: CSR  # [n_users x n_items]
+    train_ts: np.ndarray  # int64, aligned with train.indices
+    holdout: Holdout | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def item_popularity(self) -> np.ndarray:
+        return np.bincount(self.train.indices, minlength=self.n_items).astype(np.float32)
+
+    @classmethod
+    def from_frames(
+        cls,
+        train: pd.DataFrame,
+        item_ids,
+        holdout: pd.DataFrame | None = None,
+    ) -> "RecData":
+        """``train``: user_id, item_id, ts. ``holdout``: user_id, profile (list), predict (list)."""
+        items = IndexMap.from_ids(item_ids)
+        users = IndexMap.from_ids(train["user_id"].to_numpy())
+        u = users.index(train["user_id"].to_numpy())
+        i = items.index(train["item_id"].to_numpy())
+        ts = train["ts"].to_numpy(np.int64) if "ts" in train else np.zeros(len(train), np.int64)
+        # sort by (user, item) to align timestamps with CSR order
+        order = np.lexsort((i, u))
+        u, i, ts = u[order], i[order], ts[order]
+        keep = np.ones(u.size, bool)
+        keep[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+        csr = CSR.from_pairs(u[keep], i[keep], len(users), len(items))
+        data = cls(users, items, csr, ts[keep])
+        if holdout is not None:
+            data.holdout = data.make_holdout(holdout)
+        return data
+
+    def make_holdout(self, holdout: pd.DataFrame) -> Holdout:
+        user_ids = holdout["user_id"].to_numpy(np.int64)
+        user_idx = self.users.index(user_ids, allow_missing=True)
+        profile = CSR.from_lists([self.items.index(p) for p in holdout["profile"]], self.n_items)
+        predict = CSR.from_lists([self.items.index(p) for p in holdout["predict"]], self.n_items)
+        return Holdout(user_idx, profile, predict, user_ids)
+
+    def validation_split(self, n: int = 1) -> tuple["RecData", Holdout]:
+        """Carve each user's last ``n`` training rows (by time, ties by item index) into a
+        validation holdout, for users with more than ``n`` rows. The test holdout is untouched."""
+        rows = self.train.row_ids()
+        cols = self.train.indices
+        order = np.lexsort((cols, self.train_ts, rows))
+        rows_o, cols_o, ts_o = rows[order], cols[order], self.train_ts[order]
+        lengths = self.train.lengths()
+        # position from the end within each user
+        pos_from_end = np.repeat(self.train.indptr[1:], lengths) - 1 - np.arange(rows_o.size)
+        is_val = (pos_from_end < n) & (lengths[rows_o] > n)
+        fit_rows, fit_cols, fit_ts = rows_o[~is_val], cols_o[~is_val], ts_o[~is_val]
+        o2 = np.lexsort((fit_cols, fit_rows))
+        fit = RecData(
+            self.users,
+            self.items,
+            CSR.from_pairs(fit_rows, fit_cols, self.n_users, self.n_items),
+            fit_ts[o2],
+            None,
+            dict(self.extras),
+        )
+        val_users = np.unique(rows_o[is_val])
+        profile = fit.train.take_rows(val_users)
+        v_rows = np.searchsorted(val_users, rows_o[is_val])
+        predict = CSR.from_pairs(v_rows, cols_o[is_val], val_users.size, self.n_items)
+        return fit, Holdout(val_users, profile, predict, self.users.ids[val_users])
