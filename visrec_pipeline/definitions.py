@@ -45,10 +45,17 @@ def _module_defs() -> list[dg.Definitions]:
     return found
 
 
+ALL_ASSETS_JOB = dg.define_asset_job(
+    "visrec_all",
+    selection=dg.AssetSelection.all(),
+    description="Materialize the whole pipeline: ingest, images, features, training data, models, evaluation, report.",
+)
+
+
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         *_module_defs(),
-        dg.Definitions(resources=resources or default_resources(), executor=EXECUTOR),
+        dg.Definitions(resources=resources or default_resources(), executor=EXECUTOR, jobs=[ALL_ASSETS_JOB]),
     )
 
 

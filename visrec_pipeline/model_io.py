@@ -1,0 +1,128 @@
+"""Glue between the DuckDB tables / file stores and the recommender library.
+
+Plain Python (no Dagster): the model, evaluation and report assets call these,
+and so can a notebook or a benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import numpy as np
+import pandas as pd
+import torch
+
+from visrec_pipeline import db
+from visrec_pipeline.paths import Workspace
+from visrec_pipeline.recsys.base import FitInputs
+from visrec_pipeline.recsys.data import IndexMap, RecData
+
+FEATURE_BACKBONE = "resnet50"
+
+
+def load_rec_data(conn: duckdb.DuckDBPyConnection) -> RecData:
+    """Training rows and holdout from ``split_*`` over the catalogue from ``item_catalog``."""
+    train = conn.execute("SELECT user_id, item_id, ts FROM split_train").df()
+    holdout = conn.execute("SELECT user_id, profile, predict FROM split_holdout ORDER BY user_id").df()
+    item_ids = conn.execute("SELECT item_id FROM item_catalog ORDER BY item_id").fetchnumpy()["item_id"]
+    return RecData.from_frames(train, item_ids, holdout)
+
+
+def table_fingerprint(conn: duckdb.DuckDBPyConnection, table: str, columns: str) -> str:
+    """A short content hash of a table (order-independent), for lineage in checkpoints."""
+    if not db.table_exists(conn, table):
+        return "absent"
+    # table/columns are constants chosen by our code, never user input
+    n, h = conn.execute(f"SELECT count(*), coalesce(sum(hash({columns})), 0) FROM {table}").fetchone()
+    return hashlib.sha256(f"{table}:{n}:{h}".encode()).hexdigest()[:16]
+
+
+def data_versions(conn: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    return {
+        "split_train": table_fingerprint(conn, "split_train", "user_id, item_id, ts"),
+        "split_holdout": table_fingerprint(conn, "split_holdout", "user_id, profile, predict"),
+        "item_catalog": table_fingerprint(conn, "item_catalog", "item_id, creator"),
+        "item_images": table_fingerprint(conn, "item_images", "item_id, content_hash, status"),
+    }
+
+
+def item_creators(conn: duckdb.DuckDBPyConnection, items: IndexMap) -> np.ndarray:
+    """Creator of every item as a dense integer code (-1 when unknown), aligned with ``items``."""
+    df = conn.execute("SELECT item_id, creator FROM item_catalog").df()
+    codes = np.full(len(items), -1, np.int64)
+    known = df[df["creator"].notna() & (df["creator"].astype(str).str.len() > 0)]
+    if len(known):
+        cat = pd.Categorical(known["creator"].astype(str))
+        idx = items.index(known["item_id"].to_numpy(), allow_missing=True)
+        ok = idx >= 0
+        codes[idx[ok]] = cat.codes[ok]
+    return codes
+
+
+def item_clusters(conn: duckdb.DuckDBPyConnection, items: IndexMap, backbone: str = FEATURE_BACKBONE) -> np.ndarray:
+    clusters = np.full(len(items), -1, np.int64)
+    if not db.table_exists(conn, "visual_clusters"):
+        return clusters
+    df = conn.execute("SELECT item_id, cluster FROM visual_clusters WHERE backbone = ?", [backbone]).df()
+    idx = items.index(df["item_id"].to_numpy(), allow_missing=True)
+    ok = idx >= 0
+    clusters[idx[ok]] = df["cluster"].to_numpy(np.int64)[ok]
+    return clusters
+
+
+def item_image_paths(conn: duckdb.DuckDBPyConnection, ws: Workspace, items: IndexMap) -> list[Path | None]:
+    """Thumbnail path of every item (None where no valid image), aligned with ``items``."""
+    df = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").df()
+    paths: list[Path | None] = [None] * len(items)
+    idx = items.index(df["item_id"].to_numpy(), allow_missing=True)
+    for i, p in zip(idx.tolist(), df["path"].tolist()):
+        if i >= 0:
+            paths[i] = ws.root / p
+    return paths
+
+
+def thumbnail_loader(paths: list[Path | None], size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(item_idx) -> uint8 [b, 3, size, size]``; a grey image where an item has no valid image."""
+    from PIL import Image
+
+    def load(item_idx: torch.Tensor) -> torch.Tensor:
+        out = np.full((len(item_idx), size, size, 3), 127, np.uint8)
+        for k, i in enumerate(item_idx.tolist()):
+            p = paths[i]
+            if p is not None:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if im.size != (size, size):
+                        im = im.resize((size, size))
+                    out[k] = np.asarray(im)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    return load
+
+
+def build_inputs(ws: Workspace, needs: frozenset[str], data: RecData) -> FitInputs:
+    """Load the side inputs a model declares (``features:<bb>``, ``spatial:<bb>``, ``images``,
+    ``creators``/``clusters`` for guided triples), aligned with ``data.items``."""
+    inputs = FitInputs()
+    item_ids = data.items.ids
+    for need in needs:
+        kind, _, backbone = need.partition(":")
+        if kind == "features":
+            from visrec_pipeline.embeddings.store import load_pooled
+
+            inputs.features, inputs.feature_mask = load_pooled(ws.db_path, ws.features_dir, backbone, item_ids)
+        elif kind == "spatial":
+            from visrec_pipeline.embeddings.store import load_spatial
+
+            inputs.spatial, mask = load_spatial(ws.db_path, ws.features_dir, backbone, item_ids)
+            if inputs.feature_mask is None:
+                inputs.feature_mask = mask
+    with db.connect(ws.db_path) as conn:
+        if "images" in needs:
+            inputs.images = thumbnail_loader(item_image_paths(conn, ws, data.items))
+        inputs.creators = item_creators(conn, data.items)
+        inputs.clusters = item_clusters(conn, data.items)
+    return inputs
