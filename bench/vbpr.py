@@ -1,0 +1,165 @@
+"""Our VBPR against Cornac's VBPR, in one run, on the same data, features, split, dimensions and epochs.
+
+    uv sync --group bench
+    uv run --group bench python bench/vbpr.py [--users 1000 --items 2000 --dim 2048 --epochs 20]
+    uv run --group bench python bench/vbpr.py --dataset-dir data/demo   # a pipeline workspace
+
+Both models train on the same training rows for the same number of epochs, one
+triple per training interaction per epoch (no early stopping, so the triple counts
+match), with the same latent sizes, batch size, learning rate and L2 weights, and the
+same feature matrix. Throughput = training triples / wall-clock seconds of ``fit``
+(sampling included: both samplers draw fresh negatives every epoch). Test AUC is the
+full-ranking AUC of our evaluator for both (Cornac's parameters are wrapped into a
+score function). The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
+from visrec_pipeline.recsys.data import RecData
+from visrec_pipeline.recsys.evaluate import evaluate
+from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig, scale_features
+from visrec_pipeline.recsys.models.features import pooled_features
+from visrec_pipeline.recsys.synthetic import planted_dataset
+
+
+def load_workspace(root: Path) -> tuple[RecData, np.ndarray, np.ndarray]:
+    from visrec_pipeline import db
+    from visrec_pipeline.embeddings.store import load_pooled
+    from visrec_pipeline.model_io import FEATURE_BACKBONE, load_rec_data
+
+    db_path = root / "visrec.duckdb"
+    if not db_path.is_file():
+        raise SystemExit(f"--dataset-dir {root}: no visrec.duckdb there (expected a pipeline workspace)")
+    with db.connect(db_path, read_only=True) as conn:
+        data = load_rec_data(conn)
+    feats, mask = load_pooled(db_path, root / "features", FEATURE_BACKBONE, data.items.ids)
+    return data, feats, mask
+
+
+def fit_ours(data: RecData, feats: np.ndarray, mask: np.ndarray, args) -> tuple[VBPR, float]:
+    cfg = VBPRConfig(
+        dim_gamma=args.k, dim_theta=args.k2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        reg=args.reg, reg_visual=0.0, feature_scale="none", seed=args.seed, device=args.device,
+    )
+    model = VBPR(cfg)
+    started = time.perf_counter()
+    history = model.fit(data, FitInputs(features=feats, feature_mask=mask))  # no validation: all epochs run
+    seconds = time.perf_counter() - started
+    logging.info("ours: %d epochs, final loss %.4f, %.1fs", len(history.loss), history.loss[-1], seconds)
+    return model, seconds
+
+
+def fit_cornac(data: RecData, feats: np.ndarray, args):
+    import cornac
+    from cornac.data import Dataset, ImageModality
+
+    users = data.train.row_ids()
+    items = data.train.indices
+    # identity id maps: Cornac's indices are exactly ours (items with no training row included)
+    uid_map = OrderedDict((int(u), int(u)) for u in range(data.n_users))
+    iid_map = OrderedDict((int(i), int(i)) for i in range(data.n_items))
+    triples = list(zip(users.tolist(), items.tolist(), [1.0] * items.size))
+    train_set = Dataset.build(triples, fmt="UIR", global_uid_map=uid_map, global_iid_map=iid_map, seed=args.seed)
+    image = ImageModality(features=feats, ids=list(range(data.n_items)), normalized=False)
+    image.build(id_map=train_set.iid_map)
+    train_set.add_modalities(item_image=image)
+    # Cornac's loss is a sum with lambda/2 * ||.||^2 terms; ours a mean with reg * ||.||^2: lambda = 2 * reg
+    model = cornac.models.VBPR(
+        k=args.k, k2=args.k2, n_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        lambda_w=2 * args.reg, lambda_b=2 * args.reg, lambda_e=0.0, use_gpu=args.device != "cpu",
+        verbose=False, seed=args.seed,
+    )
+    started = time.perf_counter()
+    model.fit(train_set)
+    seconds = time.perf_counter() - started
+    logging.info("cornac %s: %d epochs, %.1fs", cornac.__version__, args.epochs, seconds)
+
+    item_mat = torch.as_tensor(
+        np.concatenate([model.gamma_item, model.theta_item, (model.beta_item + model.visual_bias)[:, None]], 1),
+        dtype=torch.float32,
+    )
+    user_mat = torch.as_tensor(np.concatenate([model.gamma_user, model.theta_user], 1), dtype=torch.float32)
+
+    def score(batch: ScoreBatch) -> torch.Tensor:
+        u = batch.user_idx.long()
+        known = (u >= 0).unsqueeze(1)
+        vec = torch.cat([user_mat[u.clamp(min=0)] * known, torch.ones(len(u), 1)], 1)
+        return vec @ item_mat.T
+
+    return score, seconds
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset-dir", type=Path, help="a pipeline workspace (visrec.duckdb + features/)")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--reg", type=float, default=1e-4)
+    p.add_argument("--k", type=int, default=200, help="latent (gamma) factors")
+    p.add_argument("--k2", type=int, default=100, help="visual (theta) factors")
+    p.add_argument("--feature-scale", default="l2", choices=["none", "l2", "standard"],
+                   help="how the ONE feature matrix given to both models is scaled")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0 = torch default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.dataset_dir:
+        data, raw, mask = load_workspace(args.dataset_dir)
+        source = str(args.dataset_dir)
+    else:
+        syn = planted_dataset(
+            args.users, args.items, n_clusters=20, dim=args.dim, per_user=(10, 60), seed=args.seed
+        )
+        data, raw, mask = syn.data, syn.features, np.ones(args.items, bool)
+        source = f"synthetic {args.users}x{args.items}, {args.dim}-d planted clusters"
+    f, m = pooled_features(FitInputs(features=raw, feature_mask=mask), data.n_items, model="bench")
+    feats = scale_features(f, m, args.feature_scale).numpy()
+    triples = args.epochs * data.train.nnz
+    logging.info("%s: %d users, %d items, %d training rows, %d holdout rows, %d threads",
+                 source, data.n_users, data.n_items, data.train.nnz, len(data.holdout), torch.get_num_threads())
+
+    ours, ours_s = fit_ours(data, feats, m.numpy(), args)
+    ours_auc = evaluate(ours.score, data.holdout, data.n_items, ks=(20, 100))
+    try:
+        cornac_score, cornac_s = fit_cornac(data, feats, args)
+    except ImportError as exc:
+        raise SystemExit(f"cornac is not importable ({exc}); run `uv sync --group bench` first") from exc
+    cornac_auc = evaluate(cornac_score, data.holdout, data.n_items, ks=(20, 100))
+
+    result = {
+        "dataset": source,
+        "users": data.n_users, "items": data.n_items, "train_rows": data.train.nnz,
+        "epochs": args.epochs, "batch_size": args.batch_size, "k": args.k, "k2": args.k2,
+        "feature_dim": int(feats.shape[1]), "feature_scale": args.feature_scale, "threads": torch.get_num_threads(),
+        "ours": {"triples_per_s": round(triples / ours_s, 1), "fit_s": round(ours_s, 2),
+                 "auc": round(ours_auc.means["auc"], 5), "recall@100": round(ours_auc.means["recall@100"], 5)},
+        "cornac": {"triples_per_s": round(triples / cornac_s, 1), "fit_s": round(cornac_s, 2),
+                   "auc": round(cornac_auc.means["auc"], 5), "recall@100": round(cornac_auc.means["recall@100"], 5)},
+    }
+    result["throughput_ratio"] = round(result["ours"]["triples_per_s"] / result["cornac"]["triples_per_s"], 2)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+-- Feature store index: one current row per (backbone, item); `shard`/`row` locate the vector in
+-- <features_dir>/<backbone>/<weights_tag made file-safe>/<shard>.{pooled,spatial,ids}.npy.
+CREATE TABLE IF NOT EXISTS embedding_index (
+    backbone     VARCHAR   NOT NULL,
+    weights_tag  VARCHAR   NOT NULL,
+    item_id      BIGINT    NOT NULL,
+    shard        VARCHAR   NOT NULL,
+    "row"        BIGINT    NOT NULL,
+    content_hash VARCHAR   NOT NULL,
+    computed_at  TIMESTAMP NOT NULL,
+    PRIMARY KEY (backbone, item_id)
+);
+-- Which weights the current features of a backbone came from (a random-init fallback is loud here).
+CREATE TABLE IF NOT EXISTS embedding_provenance (
+    backbone         VARCHAR PRIMARY KEY,
+    weights_tag      VARCHAR   NOT NULL,
+    weights_used     VARCHAR   NOT NULL,
+    weights_warning  VARCHAR,
+    pooled_node      VARCHAR   NOT NULL,
+    pooled_dim       INTEGER,
+    spatial_node     VARCHAR,
+    spatial_regions  INTEGER,
+    spatial_channels INTEGER,
+    preprocessing    VARCHAR   NOT NULL,
+    updated_at       TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS visual_clusters (
+    backbone VARCHAR NOT NULL,
+    item_id  BIGINT  NOT NULL,
+    cluster  INTEGER NOT NULL,
+    PRIMARY KEY (backbone, item_id)
+);

@@ -1,0 +1,86 @@
+"""Shared fixtures: a temporary workspace and a writer of tiny, real dataset folders."""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from visrec_pipeline.paths import Workspace
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    """A workspace under ``tmp_path``: VISREC_DATA_DIR=tmp/data, VISREC_DATASET=tmp/dataset (created empty)."""
+    data_dir = tmp_path / "data"
+    dataset_dir = tmp_path / "dataset"
+    dataset_dir.mkdir()
+    monkeypatch.setenv("VISREC_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("VISREC_DATASET", str(dataset_dir))
+    return Workspace.from_env()
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 32)) -> Path:
+    """A real image (format from the suffix) with a colour and a band that depend on ``seed``."""
+    r, g, b = (int(255 * c) for c in colorsys.hsv_to_rgb((seed * 0.137) % 1.0, 0.7, 0.9))
+    im = Image.new("RGB", size, (r, g, b))
+    band = Image.new("RGB", (size[0], max(1, size[1] // 4)), (255 - r, 255 - g, 255 - b))
+    im.paste(band, (0, (seed * 7) % max(1, size[1] - band.size[1])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def write_dataset(
+    folder: Path,
+    interactions: pd.DataFrame | Iterable[Mapping] | str,
+    *,
+    fmt: str = "csv",
+    items: pd.DataFrame | Iterable[Mapping] | str | None = None,
+    image_items: Iterable[int] | None = None,
+    image_ext: str = "jpg",
+) -> Path:
+    """Write a dataset folder (layout of docs/DESIGN.md) and return it.
+
+    ``interactions``: rows (``user_id,item_id,timestamp[,evaluation]``) or the
+    raw text of ``interactions.csv`` (for malformed files). ``fmt``: ``csv`` or
+    ``parquet``. ``items``: rows or raw text of ``items.csv``. One real image
+    ``images/<item_id>.<image_ext>`` is written per item of ``image_items``
+    (default: every item of the interactions rows; none for raw text).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(interactions, str):
+        if fmt != "csv":
+            raise ValueError("raw text interactions are written as CSV only")
+        (folder / "interactions.csv").write_text(interactions)
+        item_ids: list[int] = []
+    else:
+        df = pd.DataFrame(list(interactions) if not isinstance(interactions, pd.DataFrame) else interactions)
+        if fmt == "csv":
+            df.to_csv(folder / "interactions.csv", index=False)
+        elif fmt == "parquet":
+            df.to_parquet(folder / "interactions.parquet", index=False)
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+        item_ids = sorted({int(i) for i in df["item_id"]}) if "item_id" in df else []
+    if items is not None:
+        if isinstance(items, str):
+            (folder / "items.csv").write_text(items)
+        else:
+            pd.DataFrame(list(items) if not isinstance(items, pd.DataFrame) else items).to_csv(
+                folder / "items.csv", index=False
+            )
+    for item_id in image_items if image_items is not None else item_ids:
+        write_image(folder / "images" / f"{int(item_id)}.{image_ext}", int(item_id))
+    return folder
+
+
+@pytest.fixture
+def make_dataset() -> Callable[..., Path]:
+    """``make_dataset(folder, interactions, **kw)``: see ``write_dataset``."""
+    return write_dataset

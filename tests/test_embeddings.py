@@ -1,0 +1,383 @@
+"""Feature extraction, weights, preprocessing, the shard store and k-means (plain Python, no Dagster)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision import models
+
+from visrec_pipeline import db
+from visrec_pipeline.embeddings import store, weights as weights_mod
+from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
+from visrec_pipeline.embeddings.extract import ImageFileDataset, extract_features, load_backbone
+from visrec_pipeline.embeddings.kmeans import kmeans
+from visrec_pipeline.embeddings.similarity import cosine_neighbours
+from visrec_pipeline.embeddings.weights import WeightsUnavailableError, build_model, imagenet_cache_path
+
+# "Adding ResNet-18 is one line": a registry entry like this one (small, so the tests stay fast).
+RESNET18 = BackboneSpec("resnet18", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "avgpool", "layer4")
+PKG = Path(__file__).resolve().parent.parent / "visrec_pipeline"
+
+
+def jpeg(path: Path, seed: int, size: int = 48) -> Path:
+    rng = np.random.default_rng(seed)
+    small = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(small).resize((size, size), Image.BILINEAR).save(path, "JPEG", quality=90)
+    return path
+
+
+class ListSink:
+    def __init__(self):
+        self.pos, self.pooled, self.spatial = [], [], []
+
+    def __call__(self, pos, pooled, spatial):
+        self.pos.append(pos)
+        self.pooled.append(pooled)
+        self.spatial.append(spatial)
+
+    def result(self):
+        order = np.argsort(np.concatenate(self.pos))
+        pooled = np.concatenate(self.pooled)[order]
+        spatial = None if self.spatial[0] is None else np.concatenate(self.spatial)[order]
+        return np.concatenate(self.pos)[order], pooled, spatial
+
+
+def run(backbone, paths, **kw):
+    sink = ListSink()
+    kw = {"device": "cpu", "precision": "fp32", "batch_size": 4, "num_workers": 0, **kw}
+    stats = extract_features(backbone, paths, sink, **kw)
+    return stats, sink
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("imgs")
+    return [jpeg(d / f"{i}.jpg", i) for i in range(5)]
+
+
+def test_resnet50_shapes_and_dtypes(images):
+    bb = load_backbone(BACKBONES["resnet50"], "random", seed=0)
+    stats, sink = run(bb, images[:3], batch_size=2, num_workers=2)
+    pos, pooled, spatial = sink.result()
+    assert stats.n_ok == 3 and stats.num_workers == 2 and not stats.failures
+    assert pooled.dtype == np.float32 and pooled.shape == (3, 2048)
+    assert spatial.dtype == np.float16 and spatial.shape == (3, 49, 2048)
+    # pooled is the average of the spatial regions (global average pool of layer4)
+    np.testing.assert_allclose(spatial.astype(np.float32).mean(1), pooled, rtol=2e-3, atol=2e-3)
+    assert output_shapes(BACKBONES["resnet50"]) == (2048, (49, 2048))
+
+
+def test_alexnet_pooled_is_fc7(images):
+    spec = BACKBONES["alexnet"]
+    bb = load_backbone(spec, "random", seed=3)
+    _, sink = run(bb, images[:2])
+    _, pooled, spatial = sink.result()
+    assert pooled.shape == (2, 4096) and spatial is None and output_shapes(spec) == (4096, None)
+    torch.manual_seed(3)
+    ref = models.alexnet().eval()
+    x = torch.stack([spec.weights.transforms()(Image.open(p).convert("RGB")) for p in images[:2]])
+    with torch.no_grad():
+        expected = ref.classifier[:-1](torch.flatten(ref.avgpool(ref.features(x)), 1))  # fc7 after its ReLU
+    np.testing.assert_allclose(pooled, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_file_weights_give_the_features_of_a_model_loaded_with_that_state_dict(images, tmp_path):
+    torch.manual_seed(11)
+    ref = models.resnet18().eval()
+    path = tmp_path / "resnet18_state.pth"
+    torch.save(ref.state_dict(), path)
+    bb = load_backbone(RESNET18, str(path))
+    assert bb.weights.tag == "file:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    _, sink = run(bb, images[:3], batch_size=2)
+    _, pooled, spatial = sink.result()
+    assert pooled.shape == (3, 512) and spatial.shape == (3, 49, 512)
+    ref.fc = torch.nn.Identity()
+    x = torch.stack([RESNET18.weights.transforms()(Image.open(p).convert("RGB")) for p in images[:3]])
+    with torch.no_grad():
+        expected = ref(x)
+    np.testing.assert_allclose(pooled, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(ValueError, match="does not fit ResNet"):
+        build_model(RESNET18, str(path))
+    with pytest.raises(FileNotFoundError, match="neither imagenet"):
+        build_model(RESNET18, str(tmp_path / "nope.pth"))
+
+
+def test_random_weights_are_deterministic_per_seed(images):
+    a, b, c = (load_backbone(RESNET18, "random", seed=s) for s in (0, 0, 1))
+    assert a.weights.tag == "random:seed=0" and a.weights.warning is None
+    fa, fb, fc = (run(m, images[:2])[1].result()[1] for m in (a, b, c))
+    np.testing.assert_array_equal(fa, fb)
+    assert not np.allclose(fa, fc)
+    # seeding does not disturb the caller's RNG stream
+    torch.manual_seed(7)
+    x1 = torch.rand(3)
+    torch.manual_seed(7)
+    build_model(RESNET18, "random", seed=0)
+    assert torch.equal(torch.rand(3), x1)
+
+
+def test_preprocessing_is_exactly_the_declared_weights_transforms(images):
+    for spec in BACKBONES.values():
+        bb = load_backbone(spec, "random")
+        assert repr(bb.transform) == repr(spec.weights.transforms())
+        _, x, err = ImageFileDataset([images[0]], bb.transform)[0]
+        assert err == ""
+        assert torch.equal(x, spec.weights.transforms()(Image.open(images[0]).convert("RGB")))
+    assert repr(BACKBONES["resnet50"].weights.transforms()).count("232")  # V2 weights: resize 232, crop 224
+
+
+def test_unreadable_images_are_reported_not_fatal(images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    bb = load_backbone(RESNET18, "random")
+    stats, sink = run(bb, [images[0], bad, None, images[1]], batch_size=3)
+    assert stats.n_ok == 2
+    assert [p for p, _ in stats.failures] == [1, 2]
+    assert "UnidentifiedImageError" in stats.failures[0][1]
+    assert sink.result()[0].tolist() == [0, 3]
+
+
+def test_imagenet_weights_load_from_the_torch_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = imagenet_cache_path(RESNET18.weights)
+    assert cached.parent == tmp_path / "torch" / "hub" / "checkpoints" and cached.name.startswith("resnet18-")
+    torch.manual_seed(5)
+    ref = models.resnet18()
+    cached.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), cached)
+    model, choice = build_model(RESNET18, "auto")
+    assert choice.tag == "imagenet:IMAGENET1K_V1" and choice.warning is None
+    assert torch.equal(model.conv1.weight, ref.conv1.weight)
+
+
+@pytest.fixture()
+def hanging_server():
+    """A 127.0.0.1 server that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+def test_auto_falls_back_to_random_fast_and_loudly(tmp_path, monkeypatch, hanging_server):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv(weights_mod.OFFLINE_ENV, raising=False)
+    monkeypatch.setattr(weights_mod, "weights_url", lambda w: f"{hanging_server}/{Path(w.url).name}")
+    spec = RESNET18
+    t0 = time.perf_counter()
+    _, choice = build_model(spec, "auto", seed=4, download_timeout_s=0.5)
+    assert time.perf_counter() - t0 < 5
+    assert choice.tag == "random:seed=4"
+    assert "RANDOMLY INITIALISED" in choice.warning and "timed out" in choice.warning
+    with pytest.raises(WeightsUnavailableError):
+        build_model(spec, "imagenet", download_timeout_s=0.3)
+    assert not any((tmp_path / "empty").rglob("*.pth"))  # no partial file left behind
+    monkeypatch.setenv(weights_mod.OFFLINE_ENV, "1")
+    t0 = time.perf_counter()
+    _, choice = build_model(spec, "auto")
+    assert time.perf_counter() - t0 < 3 and "VISREC_OFFLINE" in choice.warning
+
+
+def test_download_checks_the_hash_in_the_file_name(tmp_path, monkeypatch):
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"definitely not the alexnet weights"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+        monkeypatch.delenv(weights_mod.OFFLINE_ENV, raising=False)
+        port = srv.server_address[1]
+        monkeypatch.setattr(weights_mod, "weights_url", lambda w: f"http://127.0.0.1:{port}/{Path(w.url).name}")
+        with pytest.raises(WeightsUnavailableError, match="expected prefix"):
+            build_model(RESNET18, "imagenet", download_timeout_s=2)
+        assert not imagenet_cache_path(RESNET18.weights).exists()
+    finally:
+        srv.shutdown()
+
+
+def test_no_pickle_anywhere_in_the_feature_code():
+    files = [*(PKG / "embeddings").glob("*.py"), PKG / "defs" / "embeddings.py", PKG.parent / "bench" / "embeddings.py"]
+    assert len(files) >= 8
+    for f in files:
+        text = f.read_text()
+        assert not re.search(r"import pickle|pickle\.load|allow_pickle\s*=\s*True|weights_only\s*=\s*False", text), f
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, (f, call)
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (f, call)
+
+
+# --- the store, without Dagster -----------------------------------------------------------------
+
+
+def _item_images(conn, rows):
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS item_images (item_id BIGINT PRIMARY KEY, status VARCHAR, reason VARCHAR, "
+        "content_hash VARCHAR, path VARCHAR, orig_width INTEGER, orig_height INTEGER, source VARCHAR, updated_at TIMESTAMP)"
+    )
+    for item_id, status, h in rows:
+        conn.execute(
+            "INSERT OR REPLACE INTO item_images VALUES (?, ?, NULL, ?, ?, 8, 8, 'test', now()::TIMESTAMP)",
+            [item_id, status, h, f"images/{h}.jpg"],
+        )
+
+
+def _write_run(tmp_path, conn, ids, hashes, tag="random:seed=0", dim=3, value=None):
+    fdir = tmp_path / "features"
+    ids = np.asarray(ids, np.int64)
+    with store.ShardWriter(fdir, "toy", tag, ids) as w:
+        pooled = np.stack([np.full(dim, i if value is None else value, np.float32) for i in ids])
+        spatial = np.repeat(pooled[:, None, :], 2, axis=1).astype(np.float16)
+        w.write(np.arange(len(ids)), pooled, spatial)
+    rows = pd.DataFrame({"item_id": ids, "row": np.arange(len(ids)), "content_hash": hashes})
+    prov = {"weights_used": tag, "pooled_node": "p", "pooled_dim": dim, "spatial_node": "s", "spatial_regions": 2,
+            "spatial_channels": dim, "preprocessing": "x"}
+    store.commit_index(conn, "toy", tag, w.shard, rows, prov)
+    return w.shard
+
+
+def test_store_serves_only_current_ok_unchanged_items_and_compacts(tmp_path):
+    dbp = tmp_path / "v.duckdb"
+    fdir = tmp_path / "features"
+    with db.connect(dbp) as conn:
+        store.ensure_tables(conn)
+        _item_images(conn, [(i, "ok", f"h{i}") for i in range(1, 7)])
+        _write_run(tmp_path, conn, [1, 2, 3], ["h1", "h2", "h3"])
+        _write_run(tmp_path, conn, [4, 5], ["h4", "h5"])
+        _item_images(conn, [(2, "corrupt", "h2"), (3, "ok", "h3-new")])
+    query = np.array([5, 1, 2, 3, 99, 1, 6])
+    pooled, mask = store.load_pooled(dbp, fdir, "toy", query)
+    assert pooled.dtype == np.float32 and pooled.shape == (7, 3)
+    assert mask.tolist() == [True, True, False, False, False, True, False]
+    assert pooled[:, 0].tolist() == [5, 1, 0, 0, 0, 1, 0]
+    spatial, smask = store.load_spatial(dbp, fdir, "toy", query)
+    assert spatial.dtype == np.float16 and spatial.shape == (7, 2, 3) and np.array_equal(smask, mask)
+    assert store.feature_dim(dbp, "toy") == 3 and store.spatial_shape(dbp, "toy") == (2, 3)
+    with db.connect(dbp) as conn:
+        todo = store.todo_items(conn, fdir, "toy", "random:seed=0")
+        assert todo["item_id"].tolist() == [3, 6]  # changed hash, never computed; not the corrupt one
+        assert store.todo_items(conn, fdir, "toy", "random:seed=9")["item_id"].tolist() == [1, 3, 4, 5, 6]
+        before = store.referenced_shards(conn, "toy")
+        assert store.compact(lambda: db.connect(dbp), fdir, "toy", max_shards=2) is None
+        new = store.compact(lambda: db.connect(dbp), fdir, "toy", max_shards=1)
+        assert new is not None and {s for _, s in store.referenced_shards(conn, "toy")} == {new}
+        removed = store.remove_unreferenced(conn, fdir, "toy", before)
+    assert removed == 6  # two old shards x (ids, pooled, spatial)
+    again, mask2 = store.load_pooled(dbp, fdir, "toy", query)
+    np.testing.assert_array_equal(again, pooled)
+    np.testing.assert_array_equal(mask2, mask)
+    prov = store.feature_provenance(duckdb.connect(str(dbp)), "toy")
+    assert prov["weights_tag"] == "random:seed=0" and prov["pooled_dim"] == 3
+
+
+def test_missing_shard_files_are_recomputed_and_failed_writes_leave_nothing(tmp_path):
+    dbp = tmp_path / "v.duckdb"
+    fdir = tmp_path / "features"
+    with db.connect(dbp) as conn:
+        store.ensure_tables(conn)
+        _item_images(conn, [(1, "ok", "h1"), (2, "ok", "h2")])
+        shard = _write_run(tmp_path, conn, [1, 2], ["h1", "h2"])
+        assert store.todo_items(conn, fdir, "toy", "random:seed=0").empty
+        store.shard_path(fdir, "toy", "random:seed=0", shard, "pooled").unlink()
+        assert store.todo_items(conn, fdir, "toy", "random:seed=0")["item_id"].tolist() == [1, 2]
+    files_before = sorted(fdir.rglob("*"))
+    with pytest.raises(RuntimeError):
+        with store.ShardWriter(fdir, "toy", "random:seed=0", np.array([1])) as w:
+            w.write(np.array([0]), np.ones((1, 3), np.float32), None)
+            raise RuntimeError("killed mid-run")
+    assert sorted(fdir.rglob("*")) == files_before and w.shard is None
+    with pytest.raises(ValueError, match="invalid feature shard"):
+        store.shard_path(fdir, "toy", "t", "../../etc/passwd", "pooled")
+
+
+def test_reading_a_backbone_never_computed_is_a_clear_error(tmp_path):
+    dbp = tmp_path / "v.duckdb"
+    with db.connect(dbp) as conn:
+        store.ensure_tables(conn)
+        _item_images(conn, [])
+        assert store.feature_provenance(conn, "resnet50") == {}
+    with pytest.raises(store.FeaturesNotFoundError, match="materialize embeddings_resnet50"):
+        store.load_pooled(dbp, tmp_path, "resnet50", np.array([1]))
+
+
+# --- k-means and neighbours ----------------------------------------------------------------------
+
+
+def test_kmeans_is_deterministic_and_finds_the_blobs():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 10
+    truth = np.repeat(np.arange(4), [50, 40, 30, 20])
+    x = centres[truth] + rng.normal(size=(len(truth), 8))
+    a, b = kmeans(x, 4, seed=1), kmeans(x, 4, seed=1)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.converged and len(np.unique(a.labels)) == 4
+    assert a.sizes.tolist() == [50, 40, 30, 20]  # relabelled largest first
+    # each true blob maps to exactly one cluster
+    assert all(len(np.unique(a.labels[truth == t])) == 1 for t in range(4))
+    small = kmeans(x[:3], 20, seed=0)
+    assert len(small.centroids) == 3 and sorted(small.labels.tolist()) == [0, 1, 2]
+    same = kmeans(np.ones((10, 4)), 3, seed=0)  # degenerate data does not crash
+    assert same.labels.shape == (10,)
+
+
+def test_cosine_neighbours_over_chunks_match_a_full_ranking():
+    rng = np.random.default_rng(1)
+    ids = np.arange(100, 150)
+    feats = rng.normal(size=(50, 16)).astype(np.float32)
+    q = np.array([103, 140])
+    chunks = [(ids[i : i + 7], feats[i : i + 7]) for i in range(0, 50, 7)]
+    nn_ids, nn_s = cosine_neighbours(q, feats[q - 100], chunks, 5)
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    sims = f[q - 100] @ f.T
+    sims[[0, 1], q - 100] = -np.inf
+    expected = ids[np.argsort(-sims, axis=1)[:, :5]]
+    np.testing.assert_array_equal(nn_ids, expected)
+    assert np.all(np.diff(nn_s, axis=1) <= 1e-6)

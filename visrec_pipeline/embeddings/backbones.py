@@ -1,0 +1,87 @@
+"""The CNN backbones features are extracted with: a registry of torchvision models.
+
+Each :class:`BackboneSpec` names a torchvision model builder, the ImageNet weights
+whose ``transforms()`` preprocess its input, and the graph nodes (as listed by
+``torchvision.models.feature_extraction.get_graph_node_names``) whose outputs are
+stored: a pooled vector per image and, optionally, a spatial map ``[C, H, W]``
+stored as ``[H*W, C]`` (regions x channels) for ACF. Adding a backbone is one
+entry in :data:`BACKBONES`, e.g.::
+
+    BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, pooled_node="classifier.4"),
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+from torchvision.models.feature_extraction import create_feature_extractor
+
+_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    weights: WeightsEnum
+    pooled_node: str
+    spatial_node: str | None = None
+
+    def __post_init__(self) -> None:
+        # The name becomes an asset key and a folder name.
+        if not _NAME.match(self.name):
+            raise ValueError(f"backbone name {self.name!r} must match {_NAME.pattern}")
+
+    def transforms(self) -> nn.Module:
+        """The preprocessing the declared weights were trained with (resize, centre crop, normalise)."""
+        return self.weights.transforms()
+
+    def feature_extractor(self, model: nn.Module) -> nn.Module:
+        """One forward pass giving ``{"pooled": ..., "spatial": ...}``."""
+        nodes = {self.pooled_node: "pooled"}
+        if self.spatial_node:
+            nodes[self.spatial_node] = "spatial"
+        return create_feature_extractor(model, return_nodes=nodes).eval()
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        # pooled: the 2048-d global average pool; spatial: layer4, 7x7 regions x 2048 channels at 224x224.
+        BackboneSpec(
+            "resnet50", models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, pooled_node="avgpool", spatial_node="layer4"
+        ),
+        # pooled: fc7, the 4096-d ReLU output of the second fully connected layer (classifier.5), i.e. the last
+        # layer before the 1000-way classifier, as the tutorial (model.classifier minus its last Linear) and
+        # VBPR's 4096-d "deep CNN features" used; more compact and more semantic than the 9216-d conv pool.
+        BackboneSpec("alexnet", models.alexnet, models.AlexNet_Weights.IMAGENET1K_V1, pooled_node="classifier.5"),
+    )
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}") from None
+
+
+def output_shapes(spec: BackboneSpec) -> tuple[int, tuple[int, int] | None]:
+    """(pooled dim, (regions, channels) or None) for the declared input size, computed on the meta device."""
+    crop = int(spec.transforms().crop_size[0])
+    with torch.device("meta"):
+        extractor = spec.feature_extractor(spec.builder(weights=None))
+    with torch.inference_mode():
+        out = extractor(torch.empty(1, 3, crop, crop, device="meta"))
+    pooled = int(out["pooled"].flatten(1).shape[1])
+    spatial = None
+    if "spatial" in out:
+        _, c, h, w = out["spatial"].shape
+        spatial = (int(h * w), int(c))
+    return pooled, spatial

@@ -1,0 +1,222 @@
+"""Batched feature extraction: DataLoader workers decode and preprocess, the model runs in batches.
+
+Speed comes from: worker processes decoding JPEGs while the model computes, whole batches per
+forward, ``torch.inference_mode()`` (no autograd bookkeeping), channels-last tensors (oneDNN / cuDNN
+fast paths) and reduced precision where the hardware does it natively (bf16 autocast on CPUs with
+AVX512-BF16/AMX, bf16/fp16 autocast on CUDA). Results go to a ``sink(positions, pooled, spatial)``
+(e.g. a :class:`~visrec_pipeline.embeddings.store.ShardWriter`), so nothing holds all features in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from visrec_pipeline.embeddings.backbones import BackboneSpec
+from visrec_pipeline.embeddings.weights import WeightsChoice, build_model
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+Sink = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], None]
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class LoadedBackbone:
+    spec: BackboneSpec
+    extractor: nn.Module  # returns {"pooled": ..., "spatial": ...}
+    transform: nn.Module  # exactly spec.weights.transforms()
+    weights: WeightsChoice
+
+
+def load_backbone(
+    spec: BackboneSpec, weights: str = "auto", *, seed: int = 0, download_timeout_s: float = 10.0
+) -> LoadedBackbone:
+    model, choice = build_model(spec, weights, seed=seed, download_timeout_s=download_timeout_s)
+    if choice.warning:
+        log.warning(choice.warning)
+    return LoadedBackbone(spec, spec.feature_extractor(model), spec.transforms(), choice)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto|cpu|cuda, got {device!r}")
+    return torch.device(device)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32.
+
+    ``auto``: bf16 on CUDA when supported (fp16 otherwise); on CPU bf16 only where the CPU does it
+    natively (emulated bf16 is slower than fp32), else fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_native_bf16() else None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision fp16 needs device cuda (use bf16 or fp32 on CPU)")
+        return torch.float16
+    raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+
+
+def default_num_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+class ImageFileDataset(Dataset):
+    """``(position, preprocessed image, error)``; an unreadable file gives zeros and the error text."""
+
+    def __init__(self, paths: Sequence[Path | str | None], transform: nn.Module):
+        self.paths = list(paths)
+        self.transform = transform
+        crop = int(transform.crop_size[0])
+        self._blank_shape = (3, crop, crop)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        path = self.paths[i]
+        if path is None:
+            return i, torch.zeros(self._blank_shape), "no usable image path"
+        try:
+            with Image.open(path) as im:
+                x = self.transform(im.convert("RGB"))
+            return i, x, ""
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return i, torch.zeros(self._blank_shape), f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class ExtractStats:
+    n_images: int
+    n_ok: int
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (position, error)
+    seconds: float = 0.0
+    device: str = "cpu"
+    precision: str = "fp32"
+    num_workers: int = 0
+    batch_size: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin,
+        # Workers prefetch two batches each: decoding overlaps the forward pass.
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def _start(loader_factory: Callable[[int], DataLoader], num_workers: int, notes: list[str]):
+    """An iterator over the loader; if worker processes cannot start here (e.g. inside a daemonic
+    process, or no semaphores), fall back to decoding in this process."""
+    if num_workers > 0:
+        try:
+            return iter(loader_factory(num_workers)), num_workers
+        except (AssertionError, OSError, RuntimeError) as exc:
+            msg = f"DataLoader workers could not start ({type(exc).__name__}: {exc}); falling back to num_workers=0"
+            log.warning(msg)
+            notes.append(msg)
+    return iter(loader_factory(0)), 0
+
+
+def extract_features(
+    backbone: LoadedBackbone,
+    paths: Sequence[Path | str | None],
+    sink: Sink,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: Progress | None = None,
+    progress_every: int = 10,
+) -> ExtractStats:
+    """Run ``backbone`` over the images at ``paths``; ``sink(positions, pooled f32 [b, d], spatial f16 [b, R, C] | None)``
+    receives every successfully decoded batch (positions index ``paths``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    workers = default_num_workers() if num_workers is None or num_workers < 0 else num_workers
+    stats = ExtractStats(
+        n_images=len(paths),
+        n_ok=0,
+        device=str(dev),
+        precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        batch_size=batch_size,
+    )
+    if not paths:
+        return stats
+    model = backbone.extractor.to(dev, memory_format=torch.channels_last).eval()
+    dataset = ImageFileDataset(paths, backbone.transform)
+    pin = dev.type == "cuda"
+    t0 = time.perf_counter()
+    batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
+    done = 0
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for b, (pos, x, errors) in enumerate(batches, start=1):
+            pos = pos.numpy()
+            good = np.array([not e for e in errors], dtype=bool)
+            stats.failures.extend((int(p), e) for p, e in zip(pos[~good], np.asarray(errors, dtype=object)[~good]))
+            if good.any():
+                if not good.all():
+                    x, pos = x[torch.from_numpy(good)], pos[good]
+                x = x.to(dev, non_blocking=pin, memory_format=torch.channels_last)
+                out = model(x)
+                pooled = out["pooled"].flatten(1).float()
+                if not torch.isfinite(pooled).all():
+                    raise FloatingPointError(
+                        f"{backbone.spec.name}: non-finite features in batch {b} ({backbone.weights.used}, {stats.precision})"
+                    )
+                spatial = None
+                if "spatial" in out:
+                    s = out["spatial"]  # [b, C, H, W] -> [b, H*W, C]
+                    spatial = s.flatten(2).transpose(1, 2).float().clamp_(-FP16_MAX, FP16_MAX).half().cpu().numpy()
+                sink(pos, pooled.cpu().numpy(), spatial)
+                stats.n_ok += int(good.sum())
+            done += len(errors)
+            if progress is not None and (b % progress_every == 0 or done == len(paths)):
+                progress(done, len(paths), done / max(time.perf_counter() - t0, 1e-9))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    stats.seconds = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,34 @@
+"""Cosine nearest neighbours of a few query vectors over a catalogue streamed in chunks."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from visrec_pipeline.embeddings.kmeans import l2_normalize
+
+
+def cosine_neighbours(
+    query_ids: np.ndarray,
+    query_features: np.ndarray,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` ``(ids [q, k], cosine [q, k])`` per query over ``chunks`` of ``(item_ids, features)``,
+    excluding each query itself; a running top-k keeps memory at one chunk. Short rows pad with id -1."""
+    q = l2_normalize(torch.from_numpy(np.asarray(query_features, np.float32)))
+    qids = torch.from_numpy(np.asarray(query_ids, np.int64))
+    best_s = torch.empty(len(q), 0)
+    best_i = torch.empty(len(q), 0, dtype=torch.long)
+    for ids, feats in chunks:
+        ids_t = torch.from_numpy(np.asarray(ids, np.int64))
+        s = q @ l2_normalize(torch.from_numpy(np.asarray(feats, np.float32))).T
+        s = s.masked_fill(ids_t[None, :] == qids[:, None], float("-inf"))
+        cat_s = torch.cat([best_s, s], 1)
+        cat_i = torch.cat([best_i, ids_t.expand(len(q), -1)], 1)
+        top = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
+        best_s, best_i = top.values, cat_i.gather(1, top.indices)
+    best_i = best_i.masked_fill(torch.isinf(best_s), -1)
+    return best_i.numpy(), best_s.numpy()

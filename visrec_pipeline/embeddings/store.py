@@ -1,0 +1,414 @@
+"""The feature store: ``.npy`` shards on disk, indexed by the DuckDB table ``embedding_index``.
+
+Layout: ``<features_dir>/<backbone>/<weights tag made file-safe>/<shard>.{ids,pooled,spatial}.npy``
+with pooled features float32 ``[n, d]``, spatial maps float16 ``[n, regions, channels]`` and the
+item ids ``int64 [n]`` (a cross-check of the index). Every extraction run writes a NEW shard
+(temp files renamed into place once complete), then points the index rows at it in one
+transaction; shards nobody references any more are deleted afterwards. Readers memory-map the
+shards (``np.load(mmap_mode='r', allow_pickle=False)``) and only serve rows whose image is still
+``ok`` with the same content hash, computed with the backbone's current weights.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import uuid
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from visrec_pipeline import db
+from visrec_pipeline.atomic import atomic_path
+
+KINDS = ("ids", "pooled", "spatial")
+_SHARD = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_BACKBONE = re.compile(r"^[a-z0-9_]+$")
+ORPHAN_AGE_S = 3600.0  # unreferenced shards older than this are leftovers of failed runs
+
+
+class FeaturesNotFoundError(LookupError):
+    """No features were ever computed for a backbone in this database."""
+
+
+def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
+    db.run_script(conn, "embeddings_tables")
+
+
+def safe_tag(weights_tag: str) -> str:
+    return _UNSAFE.sub("_", weights_tag.replace("=", "-")).strip("._") or "untagged"
+
+
+def shard_path(features_dir: str | Path, backbone: str, weights_tag: str, shard: str, kind: str) -> Path:
+    # Names come from the index; never trust them as path fragments without checking.
+    if not _BACKBONE.match(backbone) or not _SHARD.match(shard) or kind not in KINDS:
+        raise ValueError(f"invalid feature shard reference {backbone!r}/{shard!r}/{kind!r}")
+    return Path(features_dir) / backbone / safe_tag(weights_tag) / f"{shard}.{kind}.npy"
+
+
+def new_shard_name() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+class ShardWriter:
+    """Writes one new shard of ``n_rows`` rows through memory-mapped temp files.
+
+    Use as a context manager: on a clean exit the files are fsynced and renamed into place
+    (``shard`` is then set); on an error they are removed. Rows never written stay zero.
+    """
+
+    def __init__(self, features_dir: str | Path, backbone: str, weights_tag: str, item_ids: np.ndarray):
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.name = new_shard_name()
+        self._paths = {k: shard_path(features_dir, backbone, weights_tag, self.name, k) for k in KINDS}
+        self._stack = ExitStack()
+        self._arrays: dict[str, np.memmap] = {}
+        self.shard: str | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._stack.__enter__()
+        return self
+
+    def _open(self, kind: str, shape: tuple[int, ...], dtype) -> np.memmap:
+        tmp = self._stack.enter_context(atomic_path(self._paths[kind], suffix=".npy"))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        self._arrays[kind] = arr
+        return arr
+
+    def write(self, positions: np.ndarray, pooled: np.ndarray, spatial: np.ndarray | None) -> None:
+        n = len(self.item_ids)
+        if "pooled" not in self._arrays:
+            self._open("pooled", (n, *pooled.shape[1:]), np.float32)
+            if spatial is not None:
+                self._open("spatial", (n, *spatial.shape[1:]), np.float16)
+        self._arrays["pooled"][positions] = pooled
+        if spatial is not None:
+            self._arrays["spatial"][positions] = spatial
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None and self._arrays:
+                self._open("ids", self.item_ids.shape, np.int64)[:] = self.item_ids
+            for kind in list(self._arrays):
+                self._arrays.pop(kind).flush()  # and unmap, before the files are renamed or removed
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is None and self._paths["pooled"].exists():
+            self.shard = self.name
+        return False
+
+
+# --- index maintenance (the writer side) -------------------------------------------------------
+
+
+def referenced_shards(conn: duckdb.DuckDBPyConnection, backbone: str) -> set[tuple[str, str]]:
+    rows = conn.execute("SELECT DISTINCT weights_tag, shard FROM embedding_index WHERE backbone = ?", [backbone])
+    return {(t, s) for t, s in rows.fetchall()}
+
+
+def missing_shards(conn: duckdb.DuckDBPyConnection, features_dir: str | Path, backbone: str) -> list[str]:
+    """Referenced shards whose pooled file is gone (their items must be recomputed)."""
+    return sorted(
+        s for t, s in referenced_shards(conn, backbone) if not shard_path(features_dir, backbone, t, s, "pooled").is_file()
+    )
+
+
+def todo_items(conn: duckdb.DuckDBPyConnection, features_dir: str | Path, backbone: str, weights_tag: str) -> pd.DataFrame:
+    """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag``."""
+    missing = missing_shards(conn, features_dir, backbone)
+    return conn.execute(db.sql("embeddings_todo"), [backbone, weights_tag, missing]).df()
+
+
+def commit_index(
+    conn: duckdb.DuckDBPyConnection,
+    backbone: str,
+    weights_tag: str,
+    shard: str | None,
+    rows: pd.DataFrame,
+    provenance: dict,
+) -> int:
+    """Point the index at the new shard's ``rows`` (``item_id, row, content_hash``), drop rows of
+    other weights or of items no longer ok, record provenance; one transaction. Returns rows dropped."""
+    ensure_tables(conn)
+    new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, shard=shard or "")[
+        ["backbone", "weights_tag", "item_id", "shard", "row", "content_hash"]
+    ]
+    conn.register("_new_embedding_rows", new_rows)
+    try:
+        with db.transaction(conn):
+            before = conn.execute("SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]).fetchone()[0]
+            conn.execute(db.sql("embeddings_prune"), [backbone, weights_tag])
+            pruned = before - conn.execute(
+                "SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]
+            ).fetchone()[0]
+            if len(new_rows):
+                conn.execute(
+                    'INSERT OR REPLACE INTO embedding_index (backbone, weights_tag, item_id, shard, "row", content_hash, computed_at) '
+                    "SELECT backbone, weights_tag, item_id, shard, \"row\", content_hash, now()::TIMESTAMP FROM _new_embedding_rows"
+                )
+            p = provenance
+            conn.execute(
+                "INSERT OR REPLACE INTO embedding_provenance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                [
+                    backbone,
+                    weights_tag,
+                    p["weights_used"],
+                    p.get("weights_warning"),
+                    p["pooled_node"],
+                    p["pooled_dim"],
+                    p.get("spatial_node"),
+                    p.get("spatial_regions"),
+                    p.get("spatial_channels"),
+                    p["preprocessing"],
+                ],
+            )
+    finally:
+        conn.unregister("_new_embedding_rows")
+    return int(pruned)
+
+
+def remove_unreferenced(
+    conn: duckdb.DuckDBPyConnection,
+    features_dir: str | Path,
+    backbone: str,
+    superseded: Iterable[tuple[str, str]] = (),
+    orphan_age_s: float = ORPHAN_AGE_S,
+) -> int:
+    """Delete shard files the index no longer references: at once for shards this run superseded,
+    after ``orphan_age_s`` for anything else (a concurrent writer's shard may not be committed yet)."""
+    referenced = {(safe_tag(t), s) for t, s in referenced_shards(conn, backbone)}
+    superseded = {(safe_tag(t), s) for t, s in superseded}
+    root = Path(features_dir) / backbone
+    if not root.is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    for tag_dir in (d for d in root.iterdir() if d.is_dir()):
+        for f in tag_dir.iterdir():
+            shard = f.name.split(".", 1)[0]
+            key = (tag_dir.name, shard)
+            if key in referenced:
+                continue
+            stale = key in superseded or now - f.stat().st_mtime > orphan_age_s
+            if stale and f.is_file():
+                f.unlink(missing_ok=True)
+                removed += 1
+        if not any(tag_dir.iterdir()):
+            tag_dir.rmdir()
+    return removed
+
+
+def compact(
+    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    features_dir: str | Path,
+    backbone: str,
+    *,
+    max_shards: int = 20,
+    chunk: int = 4096,
+) -> str | None:
+    """When the current weights' rows are spread over more than ``max_shards`` shards, copy them
+    into one new shard (no connection held while copying) and repoint the index rows that did not
+    change meanwhile. Returns the new shard name, or None if there was nothing to do. The old
+    shards are left for :func:`remove_unreferenced`."""
+    with connect() as conn:
+        prov = conn.execute("SELECT weights_tag FROM embedding_provenance WHERE backbone = ?", [backbone]).fetchone()
+        if prov is None:
+            return None
+        tag = prov[0]
+        rows = conn.execute(
+            'SELECT item_id, shard, "row" FROM embedding_index WHERE backbone = ? AND weights_tag = ? ORDER BY item_id',
+            [backbone, tag],
+        ).df()
+    if rows["shard"].nunique() <= max_shards:
+        return None
+    item_ids = rows["item_id"].to_numpy(np.int64)
+    with ShardWriter(features_dir, backbone, tag, item_ids) as writer:
+        for shard, group in rows.groupby("shard", sort=True):
+            pooled = np.load(shard_path(features_dir, backbone, tag, shard, "pooled"), mmap_mode="r", allow_pickle=False)
+            spath = shard_path(features_dir, backbone, tag, shard, "spatial")
+            spatial = np.load(spath, mmap_mode="r", allow_pickle=False) if spath.exists() else None
+            dst_all = group.index.to_numpy()
+            src_all = group["row"].to_numpy(np.int64)
+            for lo in range(0, len(src_all), chunk):
+                src, dst = src_all[lo : lo + chunk], dst_all[lo : lo + chunk]
+                writer.write(dst, np.asarray(pooled[src]), None if spatial is None else np.asarray(spatial[src]))
+    moved = rows.rename(columns={"shard": "old_shard", "row": "old_row"}).assign(
+        new_row=np.arange(len(item_ids), dtype=np.int64)
+    )
+    with connect() as conn:
+        conn.register("_compacted_rows", moved)
+        try:
+            with db.transaction(conn):
+                conn.execute(
+                    'UPDATE embedding_index SET shard = ?, "row" = m.new_row FROM _compacted_rows m '
+                    "WHERE embedding_index.backbone = ? AND embedding_index.weights_tag = ? "
+                    "AND embedding_index.item_id = m.item_id AND embedding_index.shard = m.old_shard "
+                    'AND embedding_index."row" = m.old_row',
+                    [writer.shard, backbone, tag],
+                )
+        finally:
+            conn.unregister("_compacted_rows")
+    return writer.shard
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def feature_provenance(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict:
+    """Weights tag/warning, dimensions and served item count of ``backbone``'s features; ``{}`` if never computed."""
+    if not db.table_exists(conn, "embedding_provenance"):
+        return {}
+    df = conn.execute("SELECT * FROM embedding_provenance WHERE backbone = ?", [backbone]).df()
+    if df.empty:
+        return {}
+    rec = {k: (None if pd.isna(v) else v) for k, v in df.iloc[0].to_dict().items()}
+    rec["n_items"] = int(
+        conn.execute(
+            "SELECT count(*) FROM embedding_index WHERE backbone = ? AND weights_tag = ?", [backbone, rec["weights_tag"]]
+        ).fetchone()[0]
+    )
+    for k in ("pooled_dim", "spatial_regions", "spatial_channels"):
+        if rec.get(k) is not None:
+            rec[k] = int(rec[k])
+    return rec
+
+
+def _provenance_or_raise(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict:
+    prov = feature_provenance(conn, backbone)
+    if not prov:
+        raise FeaturesNotFoundError(f"no features for backbone {backbone!r}: materialize embeddings_{backbone} first")
+    return prov
+
+
+def _served_rows(conn: duckdb.DuckDBPyConnection, backbone: str) -> pd.DataFrame:
+    if not db.table_exists(conn, "item_images"):
+        raise FeaturesNotFoundError("table item_images is missing: features are served only for current ok images")
+    return conn.execute(db.sql("embeddings_served"), [backbone]).df()
+
+
+@dataclass(frozen=True)
+class FeatureSnapshot:
+    """The served rows of one backbone at one moment: read it with a connection, gather without one."""
+
+    backbone: str
+    features_dir: Path
+    provenance: dict
+    served: pd.DataFrame  # item_id (sorted), weights_tag, shard, row
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.served["item_id"].to_numpy(np.int64)
+
+    def pooled(self, item_ids) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.provenance["pooled_dim"],)
+        return _gather(self.features_dir, self.backbone, self.served, _ids(item_ids), "pooled", shape, np.float32)
+
+    def spatial(self, item_ids) -> tuple[np.ndarray, np.ndarray]:
+        if self.provenance.get("spatial_regions") is None:
+            raise FeaturesNotFoundError(f"backbone {self.backbone!r} stores no spatial features")
+        shape = (self.provenance["spatial_regions"], self.provenance["spatial_channels"])
+        return _gather(self.features_dir, self.backbone, self.served, _ids(item_ids), "spatial", shape, np.float16)
+
+
+def _ids(item_ids) -> np.ndarray:
+    return np.asarray(item_ids, dtype=np.int64).reshape(-1)
+
+
+def snapshot(conn_or_path, features_dir, backbone: str) -> FeatureSnapshot:
+    """Read the index (``conn_or_path``: an open DuckDB connection or the database path)."""
+    if isinstance(conn_or_path, duckdb.DuckDBPyConnection):
+        prov, served = _provenance_or_raise(conn_or_path, backbone), _served_rows(conn_or_path, backbone)
+    else:
+        with db.connect(conn_or_path) as conn:
+            prov, served = _provenance_or_raise(conn, backbone), _served_rows(conn, backbone)
+    return FeatureSnapshot(backbone, Path(features_dir), prov, served)
+
+
+def _gather(features_dir, backbone: str, served: pd.DataFrame, item_ids: np.ndarray, kind: str, shape, dtype):
+    out = np.zeros((len(item_ids), *shape), dtype=dtype)
+    mask = np.zeros(len(item_ids), dtype=bool)
+    if served.empty or len(item_ids) == 0:
+        return out, mask
+    have = served["item_id"].to_numpy(np.int64)  # sorted by the query
+    pos = np.minimum(np.searchsorted(have, item_ids), len(have) - 1)
+    found = have[pos] == item_ids
+    src = pos[found]
+    sel = pd.DataFrame(
+        {
+            "weights_tag": served["weights_tag"].to_numpy()[src],
+            "shard": served["shard"].to_numpy()[src],
+            "row": served["row"].to_numpy(np.int64)[src],
+            "dst": np.flatnonzero(found),
+        }
+    )
+    for (tag, shard), group in sel.groupby(["weights_tag", "shard"], sort=False):
+        group = group.sort_values("row", kind="stable")  # sequential reads from the memory map
+        rows = group["row"].to_numpy(np.int64)
+        dst = group["dst"].to_numpy(np.int64)
+        ids = np.load(shard_path(features_dir, backbone, tag, shard, "ids"), mmap_mode="r", allow_pickle=False)
+        if rows.max() >= len(ids) or not np.array_equal(ids[rows], item_ids[dst]):
+            raise ValueError(f"feature shard {backbone}/{shard} does not hold the items the index says (corrupt store)")
+        arr = np.load(shard_path(features_dir, backbone, tag, shard, kind), mmap_mode="r", allow_pickle=False)
+        if arr.shape[1:] != tuple(shape):
+            raise ValueError(f"feature shard {backbone}/{shard} {kind} has shape {arr.shape[1:]}, expected {tuple(shape)}")
+        out[dst] = arr[rows]
+        mask[dst] = True
+    return out, mask
+
+
+def _load(conn_or_path, features_dir, backbone: str, item_ids, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    # A shard can be compacted away between reading the index and opening the file: read again once.
+    for attempt in (1, 2):
+        snap = snapshot(conn_or_path, features_dir, backbone)
+        try:
+            return snap.pooled(item_ids) if kind == "pooled" else snap.spatial(item_ids)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def load_pooled(db_path, features_dir, backbone: str, item_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features float32 ``[n, d]`` aligned with ``item_ids`` and a bool mask ``[n]``; items
+    without current features get zeros and False. ``db_path`` may also be an open DuckDB connection."""
+    return _load(db_path, features_dir, backbone, item_ids, "pooled")
+
+
+def load_spatial(db_path, features_dir, backbone: str, item_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial maps float16 ``[n, regions, channels]`` (ResNet-50: 49 x 2048) and a bool mask ``[n]``."""
+    return _load(db_path, features_dir, backbone, item_ids, "spatial")
+
+
+def _provenance_from(conn_or_path, backbone: str) -> dict:
+    if isinstance(conn_or_path, duckdb.DuckDBPyConnection):
+        return _provenance_or_raise(conn_or_path, backbone)
+    with db.connect(conn_or_path) as conn:
+        return _provenance_or_raise(conn, backbone)
+
+
+def feature_dim(db_path, backbone: str) -> int:
+    """Dimension of ``backbone``'s pooled features."""
+    return int(_provenance_from(db_path, backbone)["pooled_dim"])
+
+
+def spatial_shape(db_path, backbone: str) -> tuple[int, int] | None:
+    """``(regions, channels)`` of ``backbone``'s spatial maps, or None if it stores none."""
+    prov = _provenance_from(db_path, backbone)
+    if prov.get("spatial_regions") is None:
+        return None
+    return int(prov["spatial_regions"]), int(prov["spatial_channels"])
+
+
+def served_item_ids(db_path, backbone: str) -> np.ndarray:
+    """Sorted ids of the items whose features are currently served."""
+    return snapshot(db_path, ".", backbone).item_ids

@@ -1,0 +1,330 @@
+"""Bring every catalogued item's image into the store, resumably.
+
+:func:`sync_item_images` reads ``item_catalog`` joined with ``item_images``,
+picks the items that need work (never attempted; failed ones when
+``retry_failed``; ``ok`` rows whose thumbnail file has gone; folder items
+marked ``missing`` whose file has since appeared), and processes them in
+chunks: decode/resize/encode runs in a small worker pool, each chunk's rows
+are upserted in one transaction. A run killed half-way keeps every committed
+chunk; the next run resumes with the rest, and rows are keyed by ``item_id``
+so nothing is ever duplicated. Thumbnails written by an uncommitted chunk are
+harmless (content-addressed, rewritten identically).
+
+Plain Python (DuckDB, pandas, Pillow); the Dagster asset is a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence
+
+import duckdb
+import pandas as pd
+
+from visrec_pipeline import db
+from visrec_pipeline.images.commons import CommonsClient, CommonsError, MissingFile
+from visrec_pipeline.images.store import DatasetImages, ImageStore
+from visrec_pipeline.images.validate import (
+    ImageLimits,
+    ImageResult,
+    ImageStatus,
+    make_thumbnail,
+    make_thumbnail_from_file,
+)
+
+ROW_COLUMNS = ("item_id", "status", "reason", "content_hash", "path", "orig_width", "orig_height", "source")
+DEFAULT_CHUNK_SIZE = 200
+DEFAULT_WORKERS = 2
+
+PoolKind = Literal["thread", "process"]
+
+
+@dataclass(frozen=True)
+class ItemImageRow:
+    """One row of ``item_images`` (``updated_at`` is set by the upsert)."""
+
+    item_id: int
+    status: str
+    reason: str
+    content_hash: str | None = None
+    path: str | None = None
+    orig_width: int | None = None
+    orig_height: int | None = None
+    source: str = ""
+
+
+# ---------------------------------------------------------------- worker functions (picklable)
+
+
+def _stored(item_id: int, result: ImageResult, store_root: str, source: str) -> ItemImageRow:
+    if not result.ok:
+        return ItemImageRow(
+            item_id, result.status.value, result.reason, None, None, result.orig_width, result.orig_height, source
+        )
+    h, rel = ImageStore(store_root).put(result.thumbnail)
+    return ItemImageRow(item_id, "ok", result.reason, h, rel, result.orig_width, result.orig_height, source)
+
+
+def thumbnail_file_to_store(
+    item_id: int, path: str, store_root: str, limits: ImageLimits, source: str = "folder"
+) -> ItemImageRow:
+    """Worker: validate the file at ``path``, store its thumbnail, return the row."""
+    return _stored(item_id, make_thumbnail_from_file(path, limits), store_root, source)
+
+
+def thumbnail_bytes_to_store(
+    item_id: int, data: bytes, store_root: str, limits: ImageLimits, source: str = "commons"
+) -> ItemImageRow:
+    """Worker: validate downloaded bytes, store their thumbnail, return the row."""
+    return _stored(item_id, make_thumbnail(data, limits), store_root, source)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class ImageSource(Protocol):
+    name: str
+
+    def submit(
+        self, items: pd.DataFrame, pool: Executor, store: ImageStore, limits: ImageLimits
+    ) -> list["Future | _SizedFuture | ItemImageRow"]:
+        """Start work for ``items`` (columns item_id, title); rows known at once may be returned directly."""
+        ...
+
+
+class FolderImageSource:
+    """Images from a dataset's ``images/<item_id>.<jpg|jpeg|png>``."""
+
+    name = "folder"
+
+    def __init__(self, images_dir: str | Path):
+        self.images_dir = Path(images_dir)
+        self.images = DatasetImages(self.images_dir)
+
+    def has_image(self, item_id: int) -> bool:
+        return self.images.find(item_id) is not None
+
+    def submit(self, items, pool, store, limits):
+        out: list[Future | ItemImageRow] = []
+        for item_id in items["item_id"].tolist():
+            path = self.images.find(item_id)
+            if path is None:
+                out.append(
+                    ItemImageRow(
+                        item_id,
+                        ImageStatus.MISSING.value,
+                        f"no {item_id}.jpg, .jpeg or .png in the dataset's images/ folder",
+                        source=self.name,
+                    )
+                )
+            else:
+                out.append(pool.submit(thumbnail_file_to_store, item_id, str(path), str(store.root), limits, self.name))
+        return out
+
+
+class CommonsImageFetcher:
+    """Images from Wikimedia Commons by file title.
+
+    API lookups and downloads run in series on the calling thread (Wikimedia
+    asks clients not to parallelise); decoding runs in the pool meanwhile.
+    ``orig_width``/``orig_height`` come from ``imageinfo`` (the original file),
+    not from the downloaded thumbnail.
+    """
+
+    name = "commons"
+
+    def __init__(self, client: CommonsClient, *, verify_original: bool = False):
+        self.client = client
+        self.verify_original = verify_original
+
+    def submit(self, items, pool, store, limits):
+        ids = items["item_id"].tolist()
+        titles = items["title"].tolist()
+        asked = [t for t in titles if isinstance(t, str) and t.strip()]
+        try:
+            infos = self.client.image_info(asked)
+        except CommonsError as exc:  # the whole lookup failed: every item of the chunk gets the reason
+            reason = f"imageinfo lookup failed: {exc.reason}"
+            return [ItemImageRow(i, exc.status.value, reason, source=self.name) for i in ids]
+        out: list[Future | ItemImageRow] = []
+        for item_id, title in zip(ids, titles):
+            if not (isinstance(title, str) and title.strip()):
+                reason = "no title in item_catalog to look up on Commons"
+                out.append(ItemImageRow(item_id, "missing", reason, source=self.name))
+                continue
+            info = infos.get(title)
+            if info is None or isinstance(info, MissingFile):
+                reason = info.reason if info is not None else "not returned by the API"
+                out.append(ItemImageRow(item_id, "missing", f"{title}: {reason}", source=self.name))
+                continue
+            try:
+                data = self.client.download(info, verify_original=self.verify_original)
+            except CommonsError as exc:
+                out.append(
+                    ItemImageRow(item_id, exc.status.value, exc.reason, None, None, info.width, info.height, self.name)
+                )
+                continue
+            future = pool.submit(thumbnail_bytes_to_store, item_id, data, str(store.root), limits, self.name)
+            out.append(_SizedFuture(future, info.width, info.height))
+        return out
+
+
+class _SizedFuture:
+    """A pending row whose orig_width/orig_height are replaced by the original file's."""
+
+    def __init__(self, future: Future, width: int, height: int):
+        self.future, self.width, self.height = future, width, height
+
+    def result(self) -> ItemImageRow:
+        row: ItemImageRow = self.future.result()
+        if self.width and self.height:
+            return ItemImageRow(**{**row.__dict__, "orig_width": self.width, "orig_height": self.height})
+        return row
+
+
+# ---------------------------------------------------------------- DuckDB
+
+
+def ensure_table(conn: duckdb.DuckDBPyConnection) -> None:
+    db.run_script(conn, "images_table")
+
+
+def pending_items(
+    conn: duckdb.DuckDBPyConnection,
+    workspace_root: Path,
+    *,
+    retry_failed: bool = False,
+    folder: FolderImageSource | None = None,
+) -> pd.DataFrame:
+    """``item_id, title, reason_to_process`` of the items this run should (re)process, by item_id."""
+    df = conn.execute(db.sql("images_pending")).df()
+    if df.empty:
+        return pd.DataFrame({"item_id": pd.Series(dtype="int64"), "title": pd.Series(dtype="object"), "why": []})
+    status = df["status"]
+    why = pd.Series(pd.NA, index=df.index, dtype="object")
+    why[status.isna()] = "new"
+    failed = status.notna() & (status != "ok")
+    if retry_failed:
+        why[failed] = "retry"
+    ok = status == "ok"
+    if ok.any():
+        gone = [not (workspace_root / p).is_file() for p in df.loc[ok, "path"].tolist()]
+        why[df.index[ok][gone]] = "thumbnail file gone"
+    if folder is not None and not retry_failed:
+        cand = df.index[(status == "missing") & (df["source"] == "folder")]
+        appeared = [folder.has_image(int(i)) for i in df.loc[cand, "item_id"].tolist()]
+        why[cand[appeared]] = "image appeared"
+    todo = df[why.notna()].assign(why=why[why.notna()])
+    return todo[["item_id", "title", "why"]].reset_index(drop=True)
+
+
+def upsert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[ItemImageRow]) -> None:
+    """Insert or replace ``rows`` (unique item ids) in one statement; call inside a transaction."""
+    if not rows:
+        return
+    frame = pd.DataFrame(
+        {
+            "item_id": pd.array([r.item_id for r in rows], dtype="int64"),
+            "status": [r.status for r in rows],
+            "reason": [r.reason or "" for r in rows],
+            "content_hash": pd.array([r.content_hash for r in rows], dtype="string"),
+            "path": pd.array([r.path for r in rows], dtype="string"),
+            "orig_width": pd.array([r.orig_width for r in rows], dtype="Int32"),
+            "orig_height": pd.array([r.orig_height for r in rows], dtype="Int32"),
+            "source": [r.source for r in rows],
+        }
+    )
+    if frame["item_id"].duplicated().any():
+        raise ValueError("duplicate item ids in one chunk of item_images rows")
+    conn.register("_item_image_rows", frame)
+    try:
+        conn.execute(db.sql("images_upsert"))
+    finally:
+        conn.unregister("_item_image_rows")
+
+
+# ---------------------------------------------------------------- the sync
+
+
+@dataclass
+class SyncReport:
+    source: str
+    pending: int
+    processed: int = 0
+    chunks: int = 0
+    elapsed_s: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)  # this run's outcomes
+    failures: list[ItemImageRow] = field(default_factory=list)  # this run's, first few
+    ok_examples: list[tuple[int, str]] = field(default_factory=list)  # this run's (item_id, hash), first few
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def make_pool(kind: PoolKind, workers: int) -> Executor:
+    if kind == "thread":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail")
+    if kind == "process":
+        # never fork a process that may hold threads (Dagster, DuckDB); forkserver starts clean
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    raise ValueError(f"pool kind must be 'thread' or 'process', got {kind!r}")
+
+
+def sync_item_images(
+    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    source: ImageSource,
+    store: ImageStore,
+    *,
+    workspace_root: Path,
+    limits: ImageLimits = ImageLimits(),
+    retry_failed: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    pool_kind: PoolKind = "thread",
+    on_chunk: Callable[[int, SyncReport], None] | None = None,
+    keep_examples: int = 16,
+) -> SyncReport:
+    """Process every pending item of ``item_catalog`` with ``source``; commit every ``chunk_size`` items.
+
+    ``connect()`` opens a DuckDB connection (held only to read the pending list
+    and to commit each chunk). ``on_chunk(chunk_index, report)`` runs after each
+    commit (progress logging).
+    """
+    if chunk_size <= 0 or workers <= 0:
+        raise ValueError("chunk_size and workers must be positive")
+    with connect() as conn:
+        ensure_table(conn)
+        folder = source if isinstance(source, FolderImageSource) else None
+        todo = pending_items(conn, workspace_root, retry_failed=retry_failed, folder=folder)
+    report = SyncReport(source=source.name, pending=len(todo))
+    if todo.empty:
+        return report
+    store.root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with make_pool(pool_kind, workers) as pool:
+        for k, lo in enumerate(range(0, len(todo), chunk_size)):
+            chunk = todo.iloc[lo : lo + chunk_size]
+            pending = source.submit(chunk, pool, store, limits)
+            rows = [p if isinstance(p, ItemImageRow) else p.result() for p in pending]
+            with connect() as conn, db.transaction(conn):
+                upsert_rows(conn, rows)
+            report.processed += len(rows)
+            report.chunks += 1
+            for r in rows:
+                report.counts[r.status] = report.counts.get(r.status, 0) + 1
+                if r.status == "ok":
+                    if len(report.ok_examples) < keep_examples:
+                        report.ok_examples.append((r.item_id, r.content_hash))
+                elif len(report.failures) < keep_examples:
+                    report.failures.append(r)
+            report.elapsed_s = time.perf_counter() - start
+            if on_chunk is not None:
+                on_chunk(k, report)
+    report.elapsed_s = time.perf_counter() - start
+    return report

@@ -1,0 +1,111 @@
+"""Model checkpoints without pickle of arbitrary objects.
+
+A checkpoint is one ``torch.save`` of a plain structure (dict / list / str / int /
+float / bool / None / Tensor), written atomically (temp file + rename), and read back
+with ``torch.load(weights_only=True)``, which refuses anything else. It carries the
+model name, its config, the tensors, the data versions it was trained on and the
+training history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visrec_pipeline.atomic import atomic_path
+from visrec_pipeline.recsys.base import TrainHistory
+
+FORMAT = "visrec-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("format", "format_version", "model_name", "config", "state", "data_versions", "history")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read safely."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain data; tuples become lists, tensors are detached to compact CPU copies."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        # clone: a view would otherwise save its whole underlying storage
+        return value.detach().to("cpu").clone()
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{where}: key {k!r} is a {type(k).__name__}; only str keys are allowed")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
+        return _plain(value.item(), where)
+    raise CheckpointError(
+        f"{where}: a {type(value).__module__}.{type(value).__name__} cannot go into a checkpoint "
+        "(allowed: dict, list, str, int, float, bool, None, torch.Tensor)"
+    )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    config: dict,
+    state: dict[str, torch.Tensor],
+    data_versions: dict[str, str],
+    history: TrainHistory | dict,
+    extra: dict | None = None,
+) -> Path:
+    """Write the checkpoint atomically; returns its path."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if isinstance(history, TrainHistory):
+        history = dataclasses.asdict(history)
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"state[{k!r}] is a {type(v).__name__}; model state must hold tensors only")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": str(model_name),
+        "config": _plain(config, "config"),
+        "state": _plain(state, "state"),
+        "data_versions": {str(k): str(v) for k, v in data_versions.items()},
+        "history": _plain(history, "history"),
+        "extra": _plain(extra or {}, "extra"),
+        "saved_at": time.time(),
+        "torch_version": torch.__version__,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; anything but plain data is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        raise CheckpointError(f"refusing checkpoint {path}: not plain data or not a torch file ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a visrec checkpoint (missing format marker)")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format_version']} is newer than this code ({FORMAT_VERSION})"
+        )
+    return payload

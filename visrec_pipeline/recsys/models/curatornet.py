@@ -1,0 +1,333 @@
+"""CuratorNet (Messina et al., 2020): a user is the set of their profile items, no user parameters.
+
+- item tower (shared by profile, positive and negative items): ``h(f) = SELU(W2 SELU(W1 f))``,
+  sizes ``d -> 200 -> 200``;
+- profile tower: ``p = SELU(W5 SELU(W4 SELU(W3 [max_j h(f_j) ; mean_j h(f_j)])))``,
+  sizes ``400 -> 300 -> 300 -> 200``;
+- score ``x_ui = p . h(f_i)``; loss: sigmoid cross-entropy of ``x_ui - x_uj`` with target 1;
+  Adam with weight decay.
+
+Trained on CuratorNet's guideline triples (:mod:`visrec_pipeline.recsys.guided_sampler`) by
+default, or on uniform random triples (``sampler="random"``, the ``curatornet_random``
+ablation). With random triples the profile of a triple is the user's training profile
+*without the positive item*: otherwise the max/mean pool would contain the very item to
+rank, and training would reward self-similarity that the held-out test item never has.
+(Guideline 4 deliberately keeps the positive inside its profile; that is the guideline.)
+
+Because nothing depends on the user, :func:`recommend_for_profile` scores any ad-hoc list
+of catalogue items without retraining.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.recsys.data import CSR, Holdout, IndexMap, RecData
+from visrec_pipeline.recsys.guided_sampler import (
+    GuidedSamplerConfig,
+    GuidedTripleBatches,
+    GuidedTriples,
+    build_guided_triples,
+)
+from visrec_pipeline.recsys.models.features import pooled_features
+from visrec_pipeline.recsys.samplers import RandomTripleSampler
+from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+
+
+@dataclass
+class CuratorNetConfig:
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-5  # Adam's L2 on every weight (the paper's lambda * ||Theta||^2)
+    patience: int = 3
+    eval_every: int = 1
+    val_max_users: int = 500
+    seed: int = 0
+    device: str = "auto"
+    max_batches_per_epoch: int | None = None
+    amp: str = "auto"
+    sampler: str = "guided"  # "guided" (the paper) or "random" (the ablation)
+    item_dims: tuple[int, ...] = (200, 200)
+    profile_dims: tuple[int, ...] = (300, 300, 200)
+    mask_positive_in_profile: bool = True  # random sampler only (see the module docstring)
+    guided: GuidedSamplerConfig = field(default_factory=GuidedSamplerConfig)
+    score_batch_users: int = 1024
+
+    def __post_init__(self):
+        if isinstance(self.guided, dict):  # from a plain-data checkpoint / Dagster config
+            self.guided = GuidedSamplerConfig(**self.guided)
+        self.item_dims = tuple(int(x) for x in self.item_dims)
+        self.profile_dims = tuple(int(x) for x in self.profile_dims)
+        if self.sampler not in ("guided", "random"):
+            raise ValueError(f"CuratorNetConfig.sampler must be 'guided' or 'random', got {self.sampler!r}")
+        if not self.item_dims or not self.profile_dims:
+            raise ValueError("CuratorNetConfig.item_dims and .profile_dims need at least one layer each")
+        if self.profile_dims[-1] != self.item_dims[-1]:
+            raise ValueError(
+                f"CuratorNetConfig: the profile tower must end in the item tower's size "
+                f"({self.profile_dims[-1]} != {self.item_dims[-1]}) for the dot product"
+            )
+
+
+@dataclass
+class CuratorNetRandomConfig(CuratorNetConfig):
+    sampler: str = "random"
+
+
+def _selu_stack(dims: list[int]) -> nn.ModuleList:
+    layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+    for layer in layers:  # LeCun normal: the initialisation SELU's self-normalisation assumes
+        nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+        nn.init.zeros_(layer.bias)
+    return layers
+
+
+class CuratorNetModule(nn.Module):
+    """The two towers. ``features`` is a non-persistent buffer: the state holds weights only."""
+
+    def __init__(self, d_in: int, item_dims=(200, 200), profile_dims=(300, 300, 200), features=None):
+        super().__init__()
+        self.item_layers = _selu_stack([d_in, *item_dims])
+        self.profile_layers = _selu_stack([2 * item_dims[-1], *profile_dims])
+        self.register_buffer("features", features, persistent=False)
+
+    def item_tower(self, f: torch.Tensor) -> torch.Tensor:
+        for layer in self.item_layers:
+            f = F.selu(layer(f))
+        return f
+
+    def profile_tower(self, pooled: torch.Tensor) -> torch.Tensor:
+        for layer in self.profile_layers:
+            pooled = F.selu(layer(pooled))
+        return pooled
+
+    @staticmethod
+    def pool_flat(h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``[max ; mean]`` of the rows of ``h`` per segment (CSR ``offsets``); empty segments give 0."""
+        lengths = offsets[1:] - offsets[:-1]
+        n, k = lengths.shape[0], h.shape[1]
+        seg = torch.repeat_interleave(torch.arange(n, device=h.device), lengths)
+        mx = h.new_zeros((n, k)).scatter_reduce(0, seg.unsqueeze(1).expand(-1, k), h, "amax", include_self=False)
+        mean = h.new_zeros((n, k)).index_add(0, seg, h) / lengths.clamp(min=1).unsqueeze(1).to(h.dtype)
+        return torch.cat([mx, mean], 1)
+
+    @staticmethod
+    def pool_padded(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Same pooling for a padded ``[b, L, k]`` tensor with a ``[b, L]`` mask."""
+        m = mask.unsqueeze(2)
+        has = mask.any(1, keepdim=True)
+        mx = h.masked_fill(~m, float("-inf")).amax(1)
+        mx = torch.where(has, mx, torch.zeros((), dtype=h.dtype, device=h.device))
+        mean = (h * m).sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(h.dtype)
+        return torch.cat([mx, mean], 1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        items, offsets = batch["profile_items"], batch["profile_offsets"]
+        pos, neg = batch["pos"], batch["neg"]
+        nnz, b = items.shape[0], pos.shape[0]
+        # every distinct item of the batch goes through the item tower once
+        uniq, inv = torch.unique(torch.cat([items, pos, neg]), return_inverse=True)
+        h = self.item_tower(self.features[uniq])
+        profiles = self.profile_tower(self.pool_flat(h[inv[:nnz]], offsets))[batch["triple_profile"]]
+        x_uij = (profiles * (h[inv[nnz : nnz + b]] - h[inv[nnz + b :]])).sum(1)
+        return F.binary_cross_entropy_with_logits(x_uij.float(), torch.ones_like(x_uij, dtype=torch.float32))
+
+
+class RandomProfileBatches:
+    """Uniform random triples turned into CuratorNet batches: the profile of a triple is the user's
+    training profile, without the positive when ``mask_positive`` (one profile per triple)."""
+
+    def __init__(self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device):
+        self.train = train
+        self.sampler = sampler
+        self.mask_positive = mask_positive
+        self.device = device
+
+    def epoch(self, e: int):
+        for batch in self.sampler.epoch(e):
+            user = batch["user"].cpu().numpy()
+            pos = batch["pos"].cpu().numpy()
+            sub = self.train.take_rows(user)
+            items, seg = sub.indices, sub.row_ids()
+            if self.mask_positive:
+                keep = items != pos[seg]
+                items, seg = items[keep], seg[keep]
+            offsets = np.zeros(user.size + 1, np.int64)
+            np.cumsum(np.bincount(seg, minlength=user.size), out=offsets[1:])
+            yield {
+                "profile_items": torch.as_tensor(items, device=self.device),
+                "profile_offsets": torch.as_tensor(offsets, device=self.device),
+                "triple_profile": torch.arange(user.size, device=self.device),
+                "pos": batch["pos"].to(self.device),
+                "neg": batch["neg"].to(self.device),
+            }
+
+
+def _guided_from_inputs(inputs: FitInputs | None) -> GuidedTriples | None:
+    if inputs is None:
+        return None
+    triples = inputs.extra.get("triples_guided")
+    if triples is None or isinstance(triples, GuidedTriples):
+        return triples
+    if isinstance(triples, dict):
+        return GuidedTriples.from_arrays(triples)
+    raise TypeError(f"FitInputs.extra['triples_guided'] must be GuidedTriples or its arrays, got {type(triples).__name__}")
+
+
+class CuratorNet(Recommender):
+    name = "curatornet"
+    config_cls = CuratorNetConfig
+
+    def __init__(self, config: CuratorNetConfig | None = None, **kw):
+        super().__init__(config or self.config_cls(), **kw)
+        self.module: CuratorNetModule | None = None
+        self.item_cache: torch.Tensor | None = None  # h(f_i) of every item, in item-index order
+        self.triples_summary: dict | None = None
+
+    # ------------------------------------------------------------------ training
+    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        feats, mask = pooled_features(inputs, data.n_items, model=self.name)
+        self.module = CuratorNetModule(feats.shape[1], cfg.item_dims, cfg.profile_dims, feats).to(device)
+        self.item_cache = None
+        tcfg = train_config(cfg)
+        if cfg.sampler == "guided":
+            triples = _guided_from_inputs(inputs)
+            if triples is None:
+                triples = build_guided_triples(
+                    data.train,
+                    data.train_ts,
+                    feats.numpy(),
+                    creators=inputs.creators,
+                    clusters=inputs.clusters,
+                    feature_mask=mask.numpy(),
+                    config=cfg.guided,
+                )
+            if triples.profiles.n_cols != data.n_items:
+                raise ValueError(
+                    f"{self.name}: guided triples cover {triples.profiles.n_cols} items, the data {data.n_items}"
+                )
+            if len(triples) == 0:
+                raise ValueError(f"{self.name}: the guided sampler produced no triple; check the data and its config")
+            source = GuidedTripleBatches(triples, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
+            sampler_notes = {"sampler": "guided", **triples.summary(), "stats": triples.stats}
+        else:
+            rs = RandomTripleSampler(data.train, seed=cfg.seed, device="cpu", batch_size=cfg.batch_size)
+            source = RandomProfileBatches(data.train, rs, mask_positive=cfg.mask_positive_in_profile, device=device)
+            sampler_notes = {**rs.summary(), "positive_masked_in_profile": cfg.mask_positive_in_profile}
+        self.triples_summary = sampler_notes
+
+        validate = None
+        if inputs.validation is not None and len(inputs.validation) > 0:
+            check = make_validator(self, inputs.validation, data.n_items, tcfg)
+
+            def validate() -> float:
+                self.item_cache = None  # the towers changed since the last cache
+                return check()
+
+        history = fit_triples(self.module, source.epoch, tcfg, validate=validate, log=self.log)
+        self.item_cache = None
+        self._item_cache()  # from the restored best weights
+        history.notes["sampler"] = sampler_notes
+        return history
+
+    # ------------------------------------------------------------------ inference
+    def _require(self) -> CuratorNetModule:
+        if self.module is None:
+            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
+        return self.module
+
+    @torch.no_grad()
+    def _item_cache(self) -> torch.Tensor:
+        module = self._require()
+        if self.item_cache is None:
+            if module.features is None:
+                raise RuntimeError(f"{self.name}: no item features and no item cache to score with")
+            was = module.training
+            module.eval()
+            f = module.features
+            self.item_cache = torch.cat([module.item_tower(f[s : s + 8192]).float() for s in range(0, f.shape[0], 8192)])
+            module.train(was)
+        return self.item_cache
+
+    @torch.no_grad()
+    def profile_vectors(self, batch: ScoreBatch) -> torch.Tensor:
+        """``p_u`` for each row of ``batch`` from its profile only (``user_idx`` is ignored)."""
+        module = self._require()
+        cache = self._item_cache()
+        items = batch.profile_items.to(cache.device).long()
+        mask = batch.profile_mask.to(cache.device).bool()
+        was = module.training
+        module.eval()
+        p = module.profile_tower(module.pool_padded(cache[items], mask))
+        module.train(was)
+        return p
+
+    @torch.no_grad()
+    def score(self, batch: ScoreBatch) -> torch.Tensor:
+        cache = self._item_cache()
+        n = batch.profile_items.shape[0]
+        step = max(1, self.config.score_batch_users)
+        out = []
+        for s in range(0, n, step):
+            sub = ScoreBatch(batch.user_idx[s : s + step], batch.profile_items[s : s + step], batch.profile_mask[s : s + step])
+            out.append(self.profile_vectors(sub) @ cache.T)
+        return torch.cat(out) if out else cache.new_zeros((0, cache.shape[0]))
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        module = self._require()
+        state = {f"module.{k}": v for k, v in module.state_dict().items()}
+        state["item_cache"] = self._item_cache()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        cfg = self.config
+        weights = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
+        if "item_layers.0.weight" not in weights or "item_cache" not in state:
+            raise KeyError(f"{self.name}: state lacks the item tower weights or the item cache")
+        device = resolve_device(cfg.device)
+        module = CuratorNetModule(weights["item_layers.0.weight"].shape[1], cfg.item_dims, cfg.profile_dims)
+        module.load_state_dict(weights)
+        self.module = module.to(device).eval()
+        self.item_cache = state["item_cache"].float().to(device)
+
+
+class CuratorNetRandom(CuratorNet):
+    """The ablation: CuratorNet trained on uniform random triples instead of the guidelines."""
+
+    name = "curatornet_random"
+    config_cls = CuratorNetRandomConfig
+
+    def __init__(self, config: CuratorNetConfig | None = None, **kw):
+        super().__init__(config or CuratorNetRandomConfig(), **kw)
+
+
+def recommend_for_profile(model: CuratorNet, item_ids: list[int], items: IndexMap, k: int = 20) -> list[tuple[int, float]]:
+    """The ``k`` best catalogue items for an ad-hoc profile given as item ids, without retraining.
+
+    Profile items are not recommended; ties are broken by item index (as in evaluation).
+    Unknown ids raise :class:`~visrec_pipeline.recsys.data.UnknownIdError` naming them.
+    """
+    from visrec_pipeline.recsys.evaluate import top_k
+
+    if len(item_ids) == 0:
+        raise ValueError("recommend_for_profile: the profile is empty; give at least one item id")
+    if k < 1:
+        raise ValueError(f"recommend_for_profile: k must be >= 1, got {k}")
+    n_items = len(items)
+    idx = items.index(np.asarray(list(item_ids), np.int64))
+    profile = CSR.from_lists([idx], n_items)
+    holdout = Holdout(np.array([-1], np.int64), profile, CSR.from_lists([[]], n_items))
+    top, scores = top_k(model.score, holdout, n_items, k)
+    keep = top[0] >= 0
+    return [(int(i), float(s)) for i, s in zip(items.ids[top[0][keep]], scores[0][keep])]

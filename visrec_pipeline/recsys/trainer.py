@@ -1,0 +1,260 @@
+"""The shared training loop for every triple-trained model (BPR-MF, VBPR, DVBPR, CuratorNet, ACF).
+
+``fit_triples`` runs epochs over ``batches(epoch)`` (dicts of tensors already on the
+device), optimises ``loss_fn(module, batch)`` (default ``module.loss(batch)``), validates
+every ``eval_every`` epochs, stops early after ``patience`` validations without
+improvement and restores the best weights. ``make_validator`` turns a model and the
+validation holdout (carved from training rows, never the test holdout) into the
+``validate`` callable: mean AUC over a fixed, seeded subset of validation users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from visrec_pipeline.recsys.base import Recommender, TrainHistory, resolve_device
+from visrec_pipeline.recsys.data import Holdout
+
+_LOG = logging.getLogger("visrec.trainer")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    patience: int = 3
+    eval_every: int = 1
+    val_max_users: int = 500
+    seed: int = 0
+    device: str = "auto"
+    max_batches_per_epoch: int | None = None
+    # mixed precision on CUDA: "auto" (bf16 where supported, else fp16 + GradScaler), "bf16", "fp16", "off"
+    amp: str = "auto"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    if cfg.amp != "auto":
+        raise ValueError(f"TrainConfig.amp must be auto|bf16|fp16|off, got {cfg.amp!r}")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _batch_len(batch: dict) -> int:
+    for key in ("user", "pos"):
+        if key in batch:
+            return int(batch[key].shape[0])
+    first = next(iter(batch.values()))
+    return int(first.shape[0])
+
+
+def _default_loss(module: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return module.loss(batch)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fit_triples(
+    module: torch.nn.Module,
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    cfg: TrainConfig,
+    *,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    validate: Callable[[], float] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    log: logging.Logger | None = None,
+) -> TrainHistory:
+    """Train ``module`` in place; returns loss per epoch, validation AUC per validation and the best epoch.
+
+    ``batches(epoch)`` gets the 0-based epoch index; ``history.best_epoch`` is 1-based (as in logs and plots).
+    With ``validate``, the weights of the best validation AUC are restored at the end.
+    """
+    if cfg.epochs < 1:
+        raise ValueError(f"TrainConfig.epochs must be >= 1, got {cfg.epochs}")
+    if cfg.eval_every < 1:
+        raise ValueError(f"TrainConfig.eval_every must be >= 1, got {cfg.eval_every}")
+    log = log or _LOG
+    loss_fn = loss_fn or _default_loss
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    module.to(device)
+    if optimizer is None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    history = TrainHistory()
+    history.notes.update({"device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"})
+    val_epochs: list[int] = []
+    triples_per_s: list[float] = []
+    best_auc, best_state, stale = -math.inf, None, 0
+    started = time.perf_counter()
+
+    for epoch in range(cfg.epochs):
+        module.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
+        n_seen = 0
+        for b, batch in enumerate(batches(epoch)):
+            if cfg.max_batches_per_epoch is not None and b >= cfg.max_batches_per_epoch:
+                break
+            n = _batch_len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            autocast = (
+                torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = loss_fn(module, batch)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.detach().double() * n
+            n_seen += n
+        if n_seen == 0:
+            raise RuntimeError(f"epoch {epoch + 1}: the batch source yielded no triples")
+        epoch_loss = float(loss_sum) / n_seen
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        rate = n_seen / max(seconds, 1e-9)
+        triples_per_s.append(rate)
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: training loss is {epoch_loss}; lower the learning rate or check the inputs"
+            )
+        history.loss.append(epoch_loss)
+
+        auc_msg = ""
+        if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            module.eval()
+            with torch.no_grad():
+                auc = float(validate())
+            history.val_auc.append(auc)
+            val_epochs.append(epoch + 1)
+            auc_msg = f" val_auc={auc:.5f}"
+            if auc > best_auc:
+                best_auc, best_state, stale = auc, _snapshot(module), 0
+                history.best_epoch = epoch + 1
+            else:
+                stale += 1
+        log.info(
+            "epoch %d/%d loss=%.5f%s triples/s=%.0f (%.1fs)",
+            epoch + 1, cfg.epochs, epoch_loss, auc_msg, rate, seconds,
+        )
+        if validate is not None and stale >= cfg.patience:
+            log.info("early stop: no validation improvement in %d evaluations", stale)
+            break
+
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    elif history.loss:
+        history.best_epoch = len(history.loss)
+    module.eval()
+    history.seconds = time.perf_counter() - started
+    history.notes.update(
+        {
+            "val_epochs": val_epochs,
+            "best_val_auc": best_auc if best_state is not None else None,
+            "triples_per_s": round(float(np.mean(triples_per_s)), 1) if triples_per_s else None,
+            "epochs_run": len(history.loss),
+        }
+    )
+    return history
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def make_validator(model: Recommender, validation: Holdout, n_items: int, cfg: TrainConfig) -> Callable[[], float]:
+    """``validate()`` -> mean AUC (standard protocol) of ``model.score`` on a fixed, seeded subset of at most
+    ``cfg.val_max_users`` rows of ``validation`` (the same rows at every call, so epochs are comparable)."""
+    device = resolve_device(cfg.device)
+
+    def validate() -> float:
+        from visrec_pipeline.recsys.evaluate import evaluate  # lazy: evaluation is optional for training
+
+        result = evaluate(
+            model.score, validation, n_items, ks=(), protocol="standard",
+            device=device, max_users=cfg.val_max_users, seed=cfg.seed,
+        )
+        return float(result.means["auc"])
+
+    return validate
+
+
+# --------------------------------------------------------------------------- random-triple models
+
+
+def train_config(config, **overrides) -> TrainConfig:
+    """A ``TrainConfig`` from a model config dataclass holding the same field names."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if hasattr(config, f.name)}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def fit_on_random_triples(
+    model: Recommender,
+    module: torch.nn.Module,
+    data,
+    inputs,
+    cfg: TrainConfig,
+    *,
+    triples_per_epoch: int | None = None,
+    refresh: Callable[[], None] | None = None,
+) -> TrainHistory:
+    """Train ``module`` (which has ``loss(batch)``) on uniform BPR triples of ``data.train``.
+
+    Validation AUC (early stopping) uses ``inputs.validation`` through ``model.score``;
+    ``refresh()`` runs before each validation so the model can rebuild its inference cache.
+    Without ``inputs.validation`` every epoch runs and the last weights are kept.
+    """
+    from visrec_pipeline.recsys.samplers import RandomTripleSampler
+
+    device = resolve_device(cfg.device)
+    sampler = RandomTripleSampler(
+        data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size, triples_per_epoch=triples_per_epoch
+    )
+    validate = None
+    if inputs is not None and inputs.validation is not None and len(inputs.validation) > 0:
+        check = make_validator(model, inputs.validation, data.n_items, cfg)
+
+        def validate() -> float:
+            if refresh is not None:
+                refresh()
+            return check()
+
+    history = fit_triples(module, sampler.epoch, cfg, validate=validate, log=model.log)
+    history.notes["sampler"] = sampler.summary()
+    if validate is None:
+        history.notes["validation"] = "none given: all epochs run, last weights kept"
+    return history
