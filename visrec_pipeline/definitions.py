@@ -52,10 +52,16 @@ ALL_ASSETS_JOB = dg.define_asset_job(
 )
 
 
+def all_resources() -> dict:
+    from visrec_pipeline.defs.images import CommonsImageSource
+
+    return {**default_resources(), "commons": CommonsImageSource()}
+
+
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         *_module_defs(),
-        dg.Definitions(resources=resources or default_resources(), executor=EXECUTOR, jobs=[ALL_ASSETS_JOB]),
+        dg.Definitions(resources=resources or all_resources(), executor=EXECUTOR, jobs=[ALL_ASSETS_JOB]),
     )
 
 

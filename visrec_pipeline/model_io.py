@@ -120,9 +120,55 @@ def build_inputs(ws: Workspace, needs: frozenset[str], data: RecData) -> FitInpu
             inputs.spatial, mask = load_spatial(ws.db_path, ws.features_dir, backbone, item_ids)
             if inputs.feature_mask is None:
                 inputs.feature_mask = mask
+    if "triples_guided" in needs:
+        inputs.extra["triples_guided"] = load_guided_triples(ws, data.items)
     with db.connect(ws.db_path) as conn:
         if "images" in needs:
             inputs.images = thumbnail_loader(item_image_paths(conn, ws, data.items))
         inputs.creators = item_creators(conn, data.items)
         inputs.clusters = item_clusters(conn, data.items)
     return inputs
+
+
+GUIDED_TRIPLES_FILE = "guided.npz"
+
+
+def save_guided_triples(ws: Workspace, triples, items: IndexMap) -> Path:
+    """Store guided triples with item IDS (not indices), so they stay valid if the catalogue grows."""
+    from visrec_pipeline.atomic import atomic_path
+
+    arrays = triples.to_arrays()
+    for key in ("profile_indices", "pos", "neg"):
+        arrays[key] = items.ids[arrays[key]]
+    arrays.pop("n_items")
+    path = ws.triples_dir / GUIDED_TRIPLES_FILE
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    return path
+
+
+def load_guided_triples(ws: Workspace, items: IndexMap):
+    """Guided triples re-indexed against ``items``; a triple naming an item that left the catalogue is dropped."""
+    from visrec_pipeline.recsys.guided_sampler import GuidedTriples
+
+    path = ws.triples_dir / GUIDED_TRIPLES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: materialize the triples_guided asset first")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    pos = items.index(arrays["pos"], allow_missing=True)
+    neg = items.index(arrays["neg"], allow_missing=True)
+    prof_items = items.index(arrays["profile_indices"], allow_missing=True)
+    if (prof_items < 0).any():
+        raise ValueError(f"{path}: profiles reference items no longer in the catalogue; re-materialize triples_guided")
+    keep = (pos >= 0) & (neg >= 0)
+    arrays.update(
+        profile_indices=prof_items,
+        n_items=np.asarray([len(items)], np.int64),
+        pos=pos[keep],
+        neg=neg[keep],
+        profile_id=arrays["profile_id"][keep],
+        guideline=arrays["guideline"][keep],
+        user=arrays["user"][keep],
+    )
+    return GuidedTriples.from_arrays(arrays)

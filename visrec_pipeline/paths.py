@@ -82,6 +82,10 @@ class Workspace:
         return self.root / "models"
 
     @property
+    def triples_dir(self) -> Path:
+        return self.root / "triples"
+
+    @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
@@ -90,6 +94,6 @@ class Workspace:
         return self.dataset_dir / "incoming"
 
     def ensure(self) -> "Workspace":
-        for p in (self.root, self.image_store, self.features_dir, self.models_dir, self.reports_dir):
+        for p in (self.root, self.image_store, self.features_dir, self.models_dir, self.triples_dir, self.reports_dir):
             p.mkdir(parents=True, exist_ok=True)
         return self

@@ -1,8 +1,6 @@
 """Assets ``embeddings_<backbone>`` (one per registered backbone, built by one factory) and
 ``visual_clusters``: CNN features of every ok thumbnail, computed incrementally, and k-means over them."""
 
-from __future__ import annotations
-
 import base64
 import time
 from pathlib import Path

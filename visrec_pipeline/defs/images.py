@@ -23,12 +23,13 @@ from typing import Literal
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from visrec_pipeline import db
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.images.commons import (
     DEFAULT_API_URL,
+    STANDARD_THUMB_WIDTHS,
     CommonsClient,
     make_user_agent,
 )
@@ -58,8 +59,10 @@ class CommonsImageSource(dg.ConfigurableResource):
         default_factory=lambda: os.environ.get("VISREC_COMMONS_CONTACT", ""),
         description="URL or e-mail put in the User-Agent, as Wikimedia's policy requires (VISREC_COMMONS_CONTACT).",
     )
-    thumb_width: Literal[250, 330] = Field(
-        default=330, description="Thumbnail width to download; Commons only serves standard widths."
+    # int + validator, not Literal[250, 330]: Dagster config enums must be strings
+    thumb_width: int = Field(
+        default=330, description=f"Thumbnail width to download, one of {STANDARD_THUMB_WIDTHS}: Commons only "
+        "renders standard widths."
     )
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
@@ -71,6 +74,13 @@ class CommonsImageSource(dg.ConfigurableResource):
         default=False,
         description="Download the original file and check its size and SHA-1 instead of the (unverifiable) thumbnail.",
     )
+
+    @field_validator("thumb_width")
+    @classmethod
+    def _standard_width(cls, value: int) -> int:
+        if value not in STANDARD_THUMB_WIDTHS:
+            raise ValueError(f"thumb_width must be one of Commons' standard widths {STANDARD_THUMB_WIDTHS}, got {value}")
+        return value
 
     def client(self) -> CommonsClient:
         return CommonsClient(

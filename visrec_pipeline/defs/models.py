@@ -6,12 +6,10 @@ entry of ``visrec_pipeline.recsys.registry.MODEL_SPECS`` becomes
 metrics into DuckDB). ``recommendations`` collects the top-k of every model.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import json
 import time
-import typing
 from typing import Literal
 
 import dagster as dg
@@ -20,6 +18,7 @@ import pandas as pd
 import pydantic
 
 from visrec_pipeline import db
+from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.model_io import build_inputs, data_versions, load_rec_data
 from visrec_pipeline.recsys.registry import MODEL_SPECS, ModelSpec, build_model
@@ -49,40 +48,14 @@ def upstream_keys(spec: ModelSpec) -> list[dg.AssetKey]:
     return [dg.AssetKey(k) for k in sorted(keys)]
 
 
-def _config_type(annotation):
-    """Dagster config accepts lists, not tuples; keep everything else."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return list[args[0]] if args else list
-    return annotation
-
-
 def config_class(spec: ModelSpec) -> type[dg.Config]:
     """A Dagster ``Config`` mirroring the model's dataclass config (one source of truth)."""
-    hints = typing.get_type_hints(spec.config_cls)
-    fields = {}
-    for f in dataclasses.fields(spec.config_cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = ...
-        if isinstance(default, tuple):
-            default = list(default)
-        fields[f.name] = (_config_type(hints[f.name]), default)
     name = "".join(part.title() for part in spec.name.split("_")) + "Config"
-    return pydantic.create_model(name, __base__=dg.Config, **fields)  # type: ignore[call-overload]
+    return config_class_for(spec.config_cls, name)
 
 
 def _to_model_config(spec: ModelSpec, config: dg.Config) -> dict:
-    values = config.model_dump()
-    hints = typing.get_type_hints(spec.config_cls)
-    for k, v in values.items():
-        if typing.get_origin(hints.get(k)) is tuple and isinstance(v, list):
-            values[k] = tuple(v)
-    return values
+    return to_dataclass_kwargs(spec.config_cls, config)
 
 
 class EvaluationConfig(dg.Config):

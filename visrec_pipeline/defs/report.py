@@ -1,6 +1,5 @@
 """``benchmark_report``: the tutorial's table for every model, plots and image grids."""
 
-from __future__ import annotations
 
 import base64
 

@@ -29,10 +29,10 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 def _texture(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, w: int, h: int) -> np.ndarray:
     """A [h, w] float32 field in [0, 1]; ``x`` is [1, w], ``y`` is [h, 1], unit = the short side."""
     angle = rng.uniform(0, np.pi)
-    along = x * np.cos(angle) + y * np.sin(angle)
+    along = x * np.float32(np.cos(angle)) + y * np.float32(np.sin(angle))
     if kind == "stripes":
-        t = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(5, 10) * along)
-        return np.clip((t - 0.5) * 2.5 + 0.5, 0, 1)  # crisper than a sine
+        t = np.sin(np.float32(2 * np.pi * rng.uniform(5, 10)) * along)
+        return np.clip(t * np.float32(1.25) + np.float32(0.5), 0, 1)  # crisper than a sine
     if kind == "dots":
         step = 1.0 / rng.uniform(5, 9)
         radius = step * rng.uniform(0.25, 0.4)
@@ -40,7 +40,10 @@ def _texture(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, 
         return (u * u + v * v < radius * radius).astype(np.float32)
     if kind == "checker":
         step = 1.0 / rng.uniform(3.5, 7)
-        return (np.mod(np.floor(x / step) + np.floor(y / step), 2)).astype(np.float32)
+        # Parity of (column cell + row cell) = xor of the two parities, computed on 1-D arrays.
+        px = (np.floor(x / step).astype(np.int64) & 1).astype(np.uint8)
+        py = (np.floor(y / step).astype(np.int64) & 1).astype(np.uint8)
+        return (px ^ py).astype(np.float32)
     if kind == "noise":
         # Smooth value noise: a coarse random grid, upsampled bicubically.
         gx = int(rng.integers(4, 9))
@@ -51,18 +54,18 @@ def _texture(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, 
         lo, hi = float(field.min()), float(field.max())
         return (field - lo) / max(hi - lo, 1e-6)
     if kind == "gradient":
-        return np.clip(0.5 + along * rng.uniform(0.6, 1.0), 0, 1)
+        return np.clip(np.float32(0.5) + along * np.float32(rng.uniform(0.6, 1.0)), 0, 1)
     if kind == "rings":
-        cx, cy = rng.uniform(-0.3, 0.3, size=2)
+        cx, cy = rng.uniform(-0.3, 0.3, size=2).astype(np.float32)
         r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(4, 8) * r)
+        return np.float32(0.5) + np.float32(0.5) * np.sin(np.float32(2 * np.pi * rng.uniform(4, 8)) * r)
     raise ValueError(f"unknown texture {kind!r}")
 
 
 def _shape_mask(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     # Near the centre, so the 224 centre crop of the feature extractor keeps it.
-    cx, cy = rng.uniform(-0.15, 0.15, size=2)
-    radius = rng.uniform(0.18, 0.3)
+    cx, cy = rng.uniform(-0.15, 0.15, size=2).astype(np.float32)
+    radius = np.float32(rng.uniform(0.18, 0.3))
     dx, dy = x - cx, y - cy
     if kind == "disc":
         return dx * dx + dy * dy < radius * radius
@@ -95,11 +98,13 @@ def render_item(palette: int, texture: int, shape: int, brightness: int, width: 
     light = BRIGHTNESS[brightness] == "light"
     stamp = _hsv(hue, sat * (1.0 if light else 0.45), value * 0.45 if light else min(1.0, value + 0.35))
 
-    t = _texture(TEXTURES[texture], rng, x, y, width, height)[..., None]
-    img = first * (1.0 - t) + second * t
-    mask = _shape_mask(SHAPES[shape], rng, x, y)
-    img = np.where(mask[..., None], stamp, img)
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    # Blend through a 256-entry colour table: one uint8 gather instead of float RGB arithmetic.
+    t = _texture(TEXTURES[texture], rng, x, y, width, height)
+    levels = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None]
+    table = (np.clip(first * (1.0 - levels) + second * levels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    img = table[(t * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)]
+    img[_shape_mask(SHAPES[shape], rng, x, y)] = (np.clip(stamp, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return img
 
 
 def encode_image(rgb: np.ndarray, is_png: bool) -> bytes:

@@ -90,12 +90,24 @@ def most_popular_scores(data: HoldoutData) -> np.ndarray:
     return np.bincount(data.train_item, minlength=data.item_ids.size).astype(np.float64)
 
 
-def visrank_scores(features: np.ndarray, data: HoldoutData, users: np.ndarray, *, centre: bool = False) -> np.ndarray:
-    """[len(users), n_items]: max cosine between each item and the user's profile items."""
+def _unit(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def visrank_scores(features: np.ndarray, data: HoldoutData, users: np.ndarray, *, centre: str = "") -> np.ndarray:
+    """[len(users), n_items]: max cosine between each item and the user's profile items.
+
+    ``centre``: "" raw features; "mean" subtract the catalogue mean first; "unit-mean"
+    L2-normalise, then subtract the mean (a random-init ReLU net without biases is
+    positively homogeneous, so its raw feature norm mostly tracks input contrast and
+    plain centring leaves little but that norm).
+    """
     f = np.asarray(features, np.float64)
+    if centre == "unit-mean":
+        f = _unit(f)
     if centre:
         f = f - f.mean(axis=0, keepdims=True)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    f = _unit(f)
     sim = (f @ f.T).astype(np.float32)
     profile = _profile_mask(data, users)
     out = np.empty((users.size, f.shape[0]), np.float32)
@@ -111,8 +123,8 @@ def evaluate(features: dict[str, np.ndarray], data: HoldoutData, ks=(20, 100)) -
     pop = np.broadcast_to(most_popular_scores(data), profile.shape)
     report = {"MostPopular": rank_metrics(pop, profile, data.test_item, ks)}
     for name, feats in features.items():
-        for centre in (False, True):
-            label = f"VisRank[{name}{', centred' if centre else ''}]"
+        for centre in ("", "mean", "unit-mean"):
+            label = f"VisRank[{name}{', centred ' + centre if centre else ''}]"
             report[label] = rank_metrics(visrank_scores(feats, data, users, centre=centre), profile, data.test_item, ks)
     return report
 

@@ -32,8 +32,12 @@ class CheckpointError(ValueError):
 
 def _plain(value: Any, where: str) -> Any:
     """``value`` as plain data; tuples become lists, tensors are detached to compact CPU copies."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+    if value is None:
+        return None
+    # exact builtin types: subclasses (e.g. torch's TorchVersion, IntEnum) would be pickled as classes
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, torch.Tensor):
         # clone: a view would otherwise save its whole underlying storage
         return value.detach().to("cpu").clone()
@@ -82,7 +86,7 @@ def save_checkpoint(
         "history": _plain(history, "history"),
         "extra": _plain(extra or {}, "extra"),
         "saved_at": time.time(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -37,7 +37,8 @@ PROTOCOLS: tuple[str, ...] = ("standard", "tutorial")
 _CPU_STEP_ELEMENTS = 1 << 19
 _GPU_STEP_ELEMENTS = 1 << 26
 _MIN_CHUNK = 256
-_PREFERRED_CHUNK = 2048
+_SWAR_MAX = 8 * 255  # longest run that _count adds 8 flags at a time
+_PREFERRED_CHUNK = _SWAR_MAX
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -86,7 +87,17 @@ def _step_elements(device: torch.device) -> int:
 
 
 def _count(flags: torch.Tensor) -> torch.Tensor:
-    """Trues along the last dim; summing bytes into int32 is ~2x faster than ``bool.sum`` (int64)."""
+    """Number of Trues along the last dim, as int32.
+
+    On a CPU a run of at most 2040 flags is counted 8 at a time: the bools are read as int64
+    words (one flag per byte) and summed; each byte lane then holds at most 255, so no carry
+    crosses lanes, and the 8 lanes are added at the end. That makes the count ~8x cheaper than
+    the comparison that produced the flags; elsewhere the bytes are summed directly.
+    """
+    n = flags.shape[-1]
+    if flags.device.type == "cpu" and n % 8 == 0 and 0 < n <= _SWAR_MAX and flags.is_contiguous():
+        lanes = flags.view(torch.int64).sum(-1)
+        return lanes.unsqueeze(-1).view(torch.uint8).sum(-1, dtype=torch.int32)
     return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
 
 
@@ -152,6 +163,8 @@ def relevant_ranks(
         lo, hi = min(first_row[t] for t in live), max(last_row[t] for t in live) + 1
         rows = hi - lo
         chunk = max(1, min(item_chunk, n_items, max(_MIN_CHUNK, budget // (rows * (g1 - g0)))))
+        if device.type == "cpu" and chunk >= 8:
+            chunk = min(chunk, _SWAR_MAX) // 8 * 8  # a multiple of 8 for _count's fast path
         S = scores[lo:hi]
         items = rel_items[lo:hi, g0:g1]  # [rows, g]
         s = rel_scores[lo:hi, g0:g1]

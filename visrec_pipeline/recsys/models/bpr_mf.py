@@ -78,9 +78,9 @@ class BPRMFModule(nn.Module):
 @dataclass
 class BPRMFConfig:
     factors: int = 200  # the latent size of VBPR's gamma, so BPR-MF is its non-visual control
-    epochs: int = 30
+    epochs: int = 50  # an upper bound: early stopping on the validation split ends training
     batch_size: int = 4096
-    lr: float = 1e-3
+    lr: float = 3e-3  # the same optimiser settings as VBPR, so the two differ only by the visual terms
     reg: float = 1e-4  # L2 on the embeddings of each triple (per-triple BPR regularisation)
     init_std: float = 0.01
     patience: int = 3

@@ -1,0 +1,124 @@
+"""The random BPR triple sampler: validity, determinism, counts, uniformity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visrec_pipeline.recsys.data import CSR
+from visrec_pipeline.recsys.samplers import RandomTripleSampler
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the test machine is shared: one intra-op thread avoids oversubscription stalls
+    torch.set_num_threads(1)
+
+
+def random_csr(n_users=60, n_items=40, seed=0, max_len=35) -> CSR:
+    rng = np.random.default_rng(seed)
+    lists = [rng.choice(n_items, size=rng.integers(1, max_len + 1), replace=False) for _ in range(n_users)]
+    return CSR.from_lists(lists, n_items)
+
+
+def member(train: CSR, users: torch.Tensor, items: torch.Tensor) -> np.ndarray:
+    dense = train.to_dense(dtype=torch.bool)
+    return dense[users, items].numpy()
+
+
+def concat(batches) -> dict[str, torch.Tensor]:
+    out = {}
+    for b in batches:
+        for k, v in b.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def test_positives_in_profile_negatives_never():
+    train = random_csr()
+    sampler = RandomTripleSampler(train, seed=3, batch_size=64)
+    for e in range(5):
+        t = concat(sampler.epoch(e))
+        assert member(train, t["user"], t["pos"]).all()
+        assert not member(train, t["user"], t["neg"]).any()
+        assert t["neg"].min() >= 0 and t["neg"].max() < train.n_cols
+
+
+def test_dense_profiles_still_get_valid_negatives():
+    # users who consumed all but one or two items: rejection sampling would need many rounds
+    n_items = 50
+    lists = [np.delete(np.arange(n_items), [k, (k + 7) % n_items]) for k in range(20)] + [np.arange(49)]
+    train = CSR.from_lists(lists, n_items)
+    t = RandomTripleSampler(train, seed=0, batch_size=1000).sample_epoch(0)
+    assert not member(train, t["user"], t["neg"]).any()
+    last = t["user"] == 20
+    assert (t["neg"][last] == 49).all()
+
+
+def test_user_with_every_item_is_skipped():
+    train = CSR.from_lists([np.arange(5), np.array([1, 2])], 5)
+    s = RandomTripleSampler(train, seed=0, batch_size=8)
+    t = s.sample_epoch(0)
+    assert (t["user"] == 1).all() and s.summary()["skipped_users_without_negatives"] == 1
+    assert set(t["neg"].tolist()) <= {0, 3, 4}
+
+
+def test_each_positive_once_per_epoch_and_count():
+    train = random_csr()
+    s = RandomTripleSampler(train, seed=1, batch_size=100)
+    t = concat(s.epoch(0))
+    assert t["user"].numel() == train.nnz == s.triples_per_epoch
+    keys = (t["user"] * train.n_cols + t["pos"]).sort().values
+    assert torch.equal(keys, s.keys)  # a permutation of the training entries
+    assert len(list(s.epoch(0))) == len(s) == -(-train.nnz // 100)
+    sizes = [b["user"].numel() for b in s.epoch(0)]
+    assert all(x == 100 for x in sizes[:-1]) and sum(sizes) == train.nnz
+
+
+def test_triples_per_epoch_override():
+    train = random_csr()
+    s = RandomTripleSampler(train, seed=1, batch_size=128, triples_per_epoch=2 * train.nnz + 5)
+    t = s.sample_epoch(0)
+    assert t["user"].numel() == 2 * train.nnz + 5
+    assert s.summary()["triples_per_epoch"] == 2 * train.nnz + 5
+    assert not member(train, t["user"], t["neg"]).any()
+
+
+def test_deterministic_per_seed_and_epoch():
+    train = random_csr()
+    a = RandomTripleSampler(train, seed=7, batch_size=50)
+    b = RandomTripleSampler(train, seed=7, batch_size=50)
+    for e in (0, 3):
+        ta, tb = concat(a.epoch(e)), concat(b.epoch(e))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not torch.equal(concat(a.epoch(0))["neg"], concat(a.epoch(1))["neg"])
+    c = RandomTripleSampler(train, seed=8, batch_size=50)
+    assert not torch.equal(concat(a.epoch(0))["pos"], concat(c.epoch(0))["pos"])
+    # the epoch does not depend on the batch size or on what was drawn before
+    d = RandomTripleSampler(train, seed=7, batch_size=999)
+    list(d.epoch(0))
+    assert torch.equal(concat(d.epoch(3))["neg"], concat(a.epoch(3))["neg"])
+
+
+def test_negatives_uniform_over_complement():
+    # one user, profile {0, 2, 5}, 8 items: negatives uniform over {1, 3, 4, 6, 7}
+    train = CSR.from_lists([np.array([0, 2, 5])], 8)
+    s = RandomTripleSampler(train, seed=0, batch_size=10, triples_per_epoch=60_000)
+    neg = s.sample_epoch(0)["neg"]
+    counts = torch.bincount(neg, minlength=8).numpy()
+    assert counts[[0, 2, 5]].sum() == 0
+    share = counts[[1, 3, 4, 6, 7]] / neg.numel()
+    assert np.allclose(share, 0.2, atol=0.01)
+
+
+def test_summary_and_bad_arguments():
+    train = random_csr()
+    s = RandomTripleSampler(train, seed=2, batch_size=32)
+    summ = s.summary()
+    assert summ["positives"] == train.nnz and summ["users"] == 60 and summ["items"] == 40
+    assert summ["batches_per_epoch"] == len(s)
+    with pytest.raises(ValueError, match="batch_size"):
+        RandomTripleSampler(train, batch_size=0)
+    with pytest.raises(ValueError, match="no training entry"):
+        RandomTripleSampler(CSR.from_lists([[], []], 4))
