@@ -109,6 +109,7 @@ class Reply:
     body: bytes = b""
     content_length: bool = True
     truncate_to: int | None = None
+    drip_s: float = 0.0  # pause between the two halves of the body (a slow server)
 
 
 @dataclass
@@ -247,6 +248,11 @@ class FakeCommons:
         h.end_headers()
         body = reply.body if reply.truncate_to is None else reply.body[: reply.truncate_to]
         try:
+            if reply.drip_s:
+                h.wfile.write(body[: len(body) // 2])
+                h.wfile.flush()
+                time.sleep(reply.drip_s)
+                body = body[len(body) // 2 :]
             h.wfile.write(body)
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -197,6 +197,16 @@ def test_404_is_not_retried(fake):
     assert len(fake.requests_to(path)) == 1
 
 
+def test_a_dripping_transfer_is_cut_off(fake):
+    data = jpeg_bytes(320, 240)
+    title = fake.add_file("A.jpg", data, "image/jpeg", 320, 240)
+    client = client_for(fake, max_retries=0, transfer_timeout_s=0.2, read_timeout_s=5)
+    info = _info(client, title)
+    fake.script(fake.file_path(title), Reply(200, {"Content-Type": "image/jpeg"}, data, drip_s=0.5))
+    with pytest.raises(HttpError, match="transfer aborted"):
+        client.download(info)
+
+
 def test_parse_retry_after():
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None

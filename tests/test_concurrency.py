@@ -1,7 +1,7 @@
 """One writer: overlapping runs in separate processes, a held file lock, and a killed ingest.
 
-Every process here is a real OS process started by the test on the same
-DuckDB file; the Dagster runs use an instance built from a copy of the
+Every writer here is a separate OS process (the test's own and children it
+starts) on the same DuckDB file; the Dagster runs use an instance built from a copy of the
 project's ``dagster_home/dagster.yaml`` (its ``duckdb`` pool limits).
 """
 
@@ -22,8 +22,10 @@ import pandas as pd
 import pytest
 
 from visrec_pipeline import db
-from visrec_pipeline.defs.resources import VisrecDuckDB
+from visrec_pipeline.defs.ingest import INGEST_ASSETS
+from visrec_pipeline.defs.resources import VisrecDuckDB, default_resources
 from visrec_pipeline.ingest import ingest_batch
+from visrec_pipeline.paths import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 INSTANCE_YAML = REPO / "dagster_home" / "dagster.yaml"
@@ -37,10 +39,10 @@ from visrec_pipeline.defs.ingest import INGEST_ASSETS
 from visrec_pipeline.defs.resources import default_resources
 
 go = Path(sys.argv[1])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.01)
 with dg.DagsterInstance.get() as instance:
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
     result = dg.materialize(INGEST_ASSETS, resources=default_resources(), instance=instance, raise_on_error=False)
 print("run", result.run_id, result.success, flush=True)
 sys.exit(0 if result.success else 1)
@@ -134,31 +136,32 @@ def _step_intervals(instance, run_id: str) -> dict[str, tuple[float, float]]:
 
 
 def test_two_processes_materialize_the_same_database_at_once(tmp_path, monkeypatch):
+    """This test process and a child process run the ingest assets at the same moment."""
     dataset = tmp_path / "dataset"
-    df = _write_interactions(dataset / "interactions.csv", 30_000, seed=5)
+    df = _write_interactions(dataset / "interactions.csv", 10_000, seed=5)
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
-    env = _env(DAGSTER_HOME=str(home), VISREC_DATA_DIR=str(tmp_path / "data"), VISREC_DATASET=str(dataset))
+    data_dir = tmp_path / "data"
+    env = _env(DAGSTER_HOME=str(home), VISREC_DATA_DIR=str(data_dir), VISREC_DATASET=str(dataset))
     go = tmp_path / "go"
-    # create the instance's storage once, as `dagster dev` would, so the two children only use it
     monkeypatch.chdir(home)  # a relative storage folder in dagster.yaml stays inside the temp home
-    dg.DagsterInstance.from_config(str(home)).dispose()
+    ws = Workspace.from_settings(data_dir, str(dataset))
 
-    procs = [_spawn(MATERIALIZE_SCRIPT, str(go), env=env, cwd=home) for _ in range(2)]
-    try:
-        for p in procs:
-            _wait_for(p, "ready")
-        go.touch()  # both start their runs now
-        run_ids = []
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            assert p.returncode == 0, f"run failed:\n{out}\n{err[-6000:]}"
-            run_ids.append(out.split("run ")[1].split()[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    # this instance creates the storage once, as `dagster dev` would; the child only uses it
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        child = _spawn(MATERIALIZE_SCRIPT, str(go), env=env, cwd=home)
+        try:
+            _wait_for(child, "ready")
+            go.touch()  # both start their runs now
+            mine = dg.materialize(INGEST_ASSETS, resources=default_resources(ws), instance=instance)
+            out, err = child.communicate(timeout=TIMEOUT_S)
+            assert child.returncode == 0, f"the child's run failed:\n{out}\n{err[-6000:]}"
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert mine.success
+        run_ids = [mine.run_id, out.split("run ")[1].split()[0]]
 
     db_path = tmp_path / "data" / "dataset" / "visrec.duckdb"
     with db.connect(db_path, read_only=True) as conn:
@@ -179,6 +182,9 @@ def test_two_processes_materialize_the_same_database_at_once(tmp_path, monkeypat
     with dg.DagsterInstance.from_config(str(home)) as instance:
         a, b = (_step_intervals(instance, run_id) for run_id in run_ids)
     assert set(a) == set(b) == {"raw_interactions", "interactions", "item_catalog", "split"}
+    first_a, last_a = min(v[0] for v in a.values()), max(v[1] for v in a.values())
+    first_b, last_b = min(v[0] for v in b.values()), max(v[1] for v in b.values())
+    assert first_a < last_b and first_b < last_a, "the two runs did not overlap in time"
     for sa, ea in a.values():
         for sb, eb in b.values():
             assert ea <= sb or eb <= sa, "two duckdb-pool steps ran at the same time"
@@ -247,6 +253,8 @@ def test_ingest_killed_inside_its_transaction_loses_and_duplicates_nothing(tmp_p
         ingest_batch(conn, "initial", tmp_path / "big.csv")
         ingest_batch(conn, "initial", tmp_path / "big.csv")
         assert conn.execute("SELECT count(*) FROM raw_interactions").fetchone() == (len(big),)
-        assert conn.execute(
-            "SELECT sum(user_id), sum(item_id), sum(ts) FROM raw_interactions"
-        ).fetchone() == (int(big["user_id"].sum()), int(big["item_id"].sum()), int(big["timestamp"].sum()))
+        assert conn.execute("SELECT sum(user_id), sum(item_id), sum(ts) FROM raw_interactions").fetchone() == (
+            int(big["user_id"].sum()),
+            int(big["item_id"].sum()),
+            int(big["timestamp"].sum()),
+        )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -40,19 +37,13 @@ def test_definitions_load_and_validate():
     assert graph.get(dg.AssetKey("split")).parent_keys == {dg.AssetKey("interactions")}
 
 
-def test_dagster_cli_validates_the_code_location(tmp_path):
-    """``dagster definitions validate`` with an instance made from the project's dagster.yaml."""
+def test_project_instance_config_limits_the_duckdb_pool_to_one_step(tmp_path, monkeypatch):
+    """The project's dagster.yaml loads and makes pool steps (the duckdb one) run one at a time."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    env = dict(os.environ, DAGSTER_HOME=str(home), VISREC_DATA_DIR=str(tmp_path / "data"))
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-m", "visrec_pipeline.definitions"],
-        cwd=home,  # a relative storage folder in dagster.yaml stays inside the temp home
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "Validation successful" in proc.stdout + proc.stderr
+    monkeypatch.chdir(home)  # a relative storage folder in dagster.yaml stays inside the temp home
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        pools = instance.get_concurrency_config().pool_config
+    assert pools.default_pool_limit == 1
+    assert pools.pool_granularity.value == "op"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
+import platform
 import re
 import socket
 import threading
@@ -68,16 +68,10 @@ def images(tmp_path_factory) -> list[Path]:
     return [jpeg(d / f"{i}.jpg", i) for i in range(5)]
 
 
-def test_resnet50_shapes_and_dtypes(images):
-    bb = load_backbone(BACKBONES["resnet50"], "random", seed=0)
-    stats, sink = run(bb, images[:3], batch_size=2, num_workers=2)
-    pos, pooled, spatial = sink.result()
-    assert stats.n_ok == 3 and stats.num_workers == 2 and not stats.failures
-    assert pooled.dtype == np.float32 and pooled.shape == (3, 2048)
-    assert spatial.dtype == np.float16 and spatial.shape == (3, 49, 2048)
-    # pooled is the average of the spatial regions (global average pool of layer4)
-    np.testing.assert_allclose(spatial.astype(np.float32).mean(1), pooled, rtol=2e-3, atol=2e-3)
+def test_declared_output_shapes():
+    # ResNet-50 extraction itself (dtypes, 49 x 2048 maps, workers) is exercised in test_embeddings_assets.py
     assert output_shapes(BACKBONES["resnet50"]) == (2048, (49, 2048))
+    assert output_shapes(BACKBONES["alexnet"]) == (4096, None)
 
 
 def test_alexnet_pooled_is_fc7(images):
@@ -123,9 +117,9 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
 def test_random_weights_are_deterministic_per_seed(images):
     a, b, c = (load_backbone(RESNET18, "random", seed=s) for s in (0, 0, 1))
     assert a.weights.tag == "random:seed=0" and a.weights.warning is None
-    fa, fb, fc = (run(m, images[:2])[1].result()[1] for m in (a, b, c))
+    fa, fb = (run(m, images[:1])[1].result()[1] for m in (a, b))
     np.testing.assert_array_equal(fa, fb)
-    assert not np.allclose(fa, fc)
+    assert not torch.equal(a.extractor.conv1.weight, c.extractor.conv1.weight)
     # seeding does not disturb the caller's RNG stream
     torch.manual_seed(7)
     x1 = torch.rand(3)
@@ -150,9 +144,24 @@ def test_unreadable_images_are_reported_not_fatal(images, tmp_path):
     bb = load_backbone(RESNET18, "random")
     stats, sink = run(bb, [images[0], bad, None, images[1]], batch_size=3)
     assert stats.n_ok == 2
+    assert stats.retained_memory == (platform.libc_ver()[0] == "glibc")  # allocator tuning applied where it can be
     assert [p for p, _ in stats.failures] == [1, 2]
     assert "UnidentifiedImageError" in stats.failures[0][1]
     assert sink.result()[0].tolist() == [0, 3]
+
+
+def test_workers_that_cannot_start_fall_back_to_in_process_decoding(images, monkeypatch):
+    import multiprocessing
+
+    # What a daemonic step process sees: multiprocessing refuses to start children.
+    monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)
+    bb = load_backbone(RESNET18, "random", seed=0)
+    stats, sink = run(bb, images[:2], num_workers=2, batch_size=2)
+    assert stats.num_workers == 0 and stats.n_ok == 2
+    assert "falling back to num_workers=0" in stats.notes[0] and "daemonic" in stats.notes[0]
+    monkeypatch.undo()
+    _, ref = run(bb, images[:2], num_workers=0, batch_size=2)
+    np.testing.assert_array_equal(sink.result()[1], ref.result()[1])
 
 
 def test_imagenet_weights_load_from_the_torch_home_cache(tmp_path, monkeypatch):
@@ -248,9 +257,10 @@ def test_no_pickle_anywhere_in_the_feature_code():
     for f in files:
         text = f.read_text()
         assert not re.search(r"import pickle|pickle\.load|allow_pickle\s*=\s*True|weights_only\s*=\s*False", text), f
-        for call in re.findall(r"np\.load\([^)]*\)", text):
+        # every load call (kept on one line) says so explicitly
+        for call in re.findall(r"np\.load\(.*", text):
             assert "allow_pickle=False" in call, (f, call)
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
+        for call in re.findall(r"torch\.load\(.*", text):
             assert "weights_only=True" in call, (f, call)
 
 

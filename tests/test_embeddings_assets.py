@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import models
 
 from visrec_pipeline import db
-from visrec_pipeline.defs.embeddings import CLUSTER_BACKBONE, defs as embeddings_defs, embedding_asset, visual_clusters
+from visrec_pipeline.defs.embeddings import CLUSTER_BACKBONE, defs as embeddings_defs, embedding_asset, embedding_coverage_check, visual_clusters
 from visrec_pipeline.defs.resources import default_resources
 from visrec_pipeline.embeddings import store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
@@ -22,6 +23,7 @@ from visrec_pipeline.paths import Workspace
 # A small backbone built by the same factory (what adding ResNet-18 to the registry gives).
 RESNET18 = BackboneSpec("resnet18", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "avgpool", "layer4")
 EMB18 = embedding_asset(RESNET18)
+CHECK18 = embedding_coverage_check(EMB18, RESNET18)
 FAST = {"weights": "random", "device": "cpu", "batch_size": 4, "num_workers": 0, "neighbour_queries": 2, "neighbours": 2}
 
 
@@ -83,7 +85,9 @@ def test_incremental_materializations(ws):
     md = materialize(ws, EMB18)
     assert value(md, "computed") == 6 and value(md, "reused") == 0 and value(md, "skipped_not_ok") == 2
     assert value(md, "pooled_dim") == 512 and value(md, "weights_tag") == "random:seed=0"
-    assert "similar_images" in md and "corrupt" in md["image_status"].value
+    assert "corrupt" in md["image_status"].value
+    png = base64.b64decode(md["similar_images"].value.split("base64,", 1)[1].rstrip(")"))
+    assert Image.open(io.BytesIO(png)).size[0] > 100  # 2 queries x (query + 2 neighbours)
     f1, m1 = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.arange(1, 9))
     assert m1.tolist() == [True] * 6 + [False, False] and f1.shape == (8, 512) and not f1[6:].any()
 
@@ -103,41 +107,31 @@ def test_incremental_materializations(ws):
     set_images(ws, [(2, "ok", h, path), (3, "http_error", None, None), (13, "ok", "feed", "images/bad.jpg")])
     with db.connect(ws.db_path) as conn:
         conn.execute("DELETE FROM item_images WHERE item_id = 4")
-    md = materialize(ws, EMB18)
+    # (this run makes a third shard; with max_shards=2 the store compacts them into one)
+    md = materialize(ws, EMB18, max_shards=2)
     assert value(md, "computed") == 1 and value(md, "failed_to_read") == 1 and "13" in md["read_failures"].value
     assert value(md, "index_rows_dropped") == 2  # items 3 and 4
-    f2, m2 = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.array([1, 2, 3, 4, 13]))
-    assert m2.tolist() == [True, True, False, False, False]
+    f2, m2 = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.array([1, 2, 3, 4, 13, 5, 10]))
+    assert m2.tolist() == [True, True, False, False, False, True, True]
     np.testing.assert_array_equal(f2[0], f1[0])
+    np.testing.assert_array_equal(f2[5], f1[4])
     assert not np.allclose(f2[1], f1[1])
+    assert value(md, "shards") == 1 and value(md, "compacted_into") != "no compaction"
+    assert len(list((ws.features_dir / "resnet18").rglob("*.npy"))) == 3  # ids, pooled, spatial of one shard
 
-    # the coverage check sees the unreadable item
-    check = embeddings_defs.get_asset_checks_def(dg.AssetCheckKey(dg.AssetKey("embeddings_resnet50"), "features_cover_ok_images"))
-    assert check is not None
+    # the coverage check sees the unreadable item (8 ok images, 7 served)
+    run = dg.materialize([EMB18, CHECK18], resources=default_resources(ws), selection=dg.AssetSelection.checks(CHECK18))
+    check = run.get_asset_check_evaluations()[0]
+    assert not check.passed and check.metadata["ok_images"].value == 8 and check.metadata["served"].value == 7
 
-    # other weights: everything recomputed, old shards deleted
+    # other weights: everything readable recomputed, old shards deleted
     md = materialize(ws, EMB18, seed=1)
-    assert value(md, "computed") == 9 and value(md, "weights_tag") == "random:seed=1"
+    assert value(md, "computed") == 7 and value(md, "weights_tag") == "random:seed=1"
     assert [p.name for p in (ws.features_dir / "resnet18").iterdir()] == ["random_seed-1"]
     with db.connect(ws.db_path) as conn:
         assert store.feature_provenance(conn, "resnet18")["weights_tag"] == "random:seed=1"
         n_rows = conn.execute("SELECT count(*), count(DISTINCT item_id) FROM embedding_index").fetchone()
-    assert n_rows == (9, 9)
-
-
-def test_compaction_keeps_features(ws):
-    ok_images(ws, [1, 2])
-    materialize(ws, EMB18)
-    ok_images(ws, [3])
-    materialize(ws, EMB18)
-    before, mask = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.array([1, 2, 3]))
-    ok_images(ws, [4])
-    md = materialize(ws, EMB18, max_shards=2)
-    assert value(md, "shards") == 1 and value(md, "compacted_into") != "no compaction"
-    after, mask2 = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.array([1, 2, 3, 4]))
-    np.testing.assert_array_equal(after[:3], before)
-    assert mask.all() and mask2.all()
-    assert len(list((ws.features_dir / "resnet18").rglob("*.npy"))) == 3  # ids, pooled, spatial of one shard
+    assert n_rows == (7, 7)
 
 
 def test_resnet50_features_spatial_maps_and_visual_clusters(ws):
@@ -169,7 +163,8 @@ def test_resnet50_features_spatial_maps_and_visual_clusters(ws):
     with db.connect(ws.db_path) as conn:
         first = conn.execute("SELECT item_id, cluster FROM visual_clusters ORDER BY item_id").fetchall()
     assert len(first) == 6 and {c for _, c in first} == {0, 1, 2}
-    materialize(ws, visual_clusters, **{"k": 3, "seed": 0, "device": "cpu"}) if False else dg.materialize(
+    # same seed, same clusters (table replaced, not appended)
+    dg.materialize(
         [visual_clusters], resources=default_resources(ws), run_config={"ops": {"visual_clusters": {"config": {"k": 3}}}}
     )
     with db.connect(ws.db_path) as conn:
@@ -189,3 +184,18 @@ def test_definitions_cover_every_registered_backbone():
         assert a.group_names_by_key[a.key] == "features"
         assert a.code_versions_by_key[a.key]
         assert dg.AssetKey("item_images") in a.asset_deps[a.key] or a.key == dg.AssetKey("visual_clusters")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_features_match_cpu(ws):
+    ok_images(ws, range(1, 5))
+    cpu = materialize(ws, EMB18, device="cpu", precision="fp32")
+    f_cpu, _ = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.arange(1, 5))
+    with db.connect(ws.db_path) as conn:
+        conn.execute("DELETE FROM embedding_index")
+    md = materialize(ws, EMB18, device="cuda", precision="auto", num_workers=2)
+    assert value(md, "device").startswith("cuda") and value(md, "computed") == 4 and value(cpu, "computed") == 4
+    f_gpu, _ = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.arange(1, 5))
+    cos = (f_cpu * f_gpu).sum(1) / np.linalg.norm(f_cpu, axis=1) / np.linalg.norm(f_gpu, axis=1)
+    assert cos.min() > 0.99

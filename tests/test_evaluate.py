@@ -102,7 +102,8 @@ def test_tutorial_protocol_named_and_hand_computed():
 
 def test_ks_empty_is_auc_and_rr_only():
     result = evaluate(matrix_score_fn(SCORES), tiny(), 6, ks=())
-    assert [c for c in result.per_row.columns if c not in ("row", "user_id", "profile_size", "n_relevant", "n_candidates")] == ["auc", "rr"]
+    ids = ("row", "user_id", "profile_size", "n_relevant", "n_candidates")
+    assert [c for c in result.per_row.columns if c not in ids] == ["auc", "rr"]
     assert set(result.means) == {"auc", "rr"}
 
 
@@ -128,10 +129,15 @@ def test_matches_reference_and_is_invariant_to_batch_and_chunk_size(protocol):
     scores, profiles, predicts = random_holdout(3)
     holdout = make_holdout(profiles, predicts, scores.shape[1])
     want = pd.DataFrame(
-        [reference_row_metrics(scores[u], profiles[u], predicts[u], ks=ks, protocol=protocol) for u in range(len(scores))]
+        [
+            reference_row_metrics(scores[u], profiles[u], predicts[u], ks=ks, protocol=protocol)
+            for u in range(len(scores))
+        ]
     )
     results = [
-        evaluate(matrix_score_fn(scores), holdout, scores.shape[1], ks=ks, protocol=protocol, batch_size=bs, item_chunk=ch)
+        evaluate(
+            matrix_score_fn(scores), holdout, scores.shape[1], ks=ks, protocol=protocol, batch_size=bs, item_chunk=ch
+        )
         for bs, ch in ((1, 3), (7, 50), (256, 32768))
     ]
     for result in results:
@@ -282,3 +288,24 @@ def test_top_k_over_training_users_of_recdata():
     assert items.tolist() == [[2, 3], [3, 1]]  # user 7 owns items 0, 1; user 9 owns item 2
     with pytest.raises(ValueError, match="k must be"):
         top_k(matrix_score_fn(scores), data, 4, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("protocol", ["standard", "tutorial"])
+def test_cuda_evaluation_and_top_k_equal_the_cpu_ones(protocol):
+    scores, profiles, predicts = random_holdout(12, m=70, n_items=5000)
+    holdout = make_holdout(profiles, predicts, scores.shape[1])
+    on_gpu = torch.from_numpy(scores).cuda()
+
+    def gpu_fn(batch):
+        assert batch.user_idx.is_cuda
+        return on_gpu[batch.user_idx]
+
+    cpu = evaluate(matrix_score_fn(scores), holdout, scores.shape[1], ks=(5, 50), protocol=protocol)
+    gpu = evaluate(gpu_fn, holdout, scores.shape[1], ks=(5, 50), protocol=protocol, device="cuda", batch_size=16)
+    pd.testing.assert_frame_equal(cpu.per_row, gpu.per_row)
+    cpu_items, cpu_scores = top_k(matrix_score_fn(scores), holdout, scores.shape[1], 30)
+    gpu_items, gpu_scores = top_k(gpu_fn, holdout, scores.shape[1], 30, device="cuda")
+    np.testing.assert_array_equal(cpu_items, gpu_items)
+    np.testing.assert_array_equal(cpu_scores, gpu_scores)

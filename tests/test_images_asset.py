@@ -248,6 +248,14 @@ def test_thread_and_process_pools_store_identical_thumbnails(tmp_path):
     assert outcomes["thread"] == outcomes["process"]
 
 
+def test_sync_without_catalog_fails_clearly(tmp_path):
+    dbp = tmp_path / "v.duckdb"
+    with pytest.raises(RuntimeError, match="item_catalog"):
+        sync_item_images(
+            lambda: db.connect(dbp), FolderImageSource(tmp_path), ImageStore(tmp_path / "images"), workspace_root=tmp_path
+        )
+
+
 def test_folder_source_required_but_absent_fails_clearly(tmp_path):
     ws = make_workspace(tmp_path, {}, [1])
     (Path(ws.dataset_dir) / "images").rmdir()

@@ -237,9 +237,11 @@ def test_later_batch_is_deduplicated_with_the_initial_one(workspace, make_datase
         ("2021-06", 1, "incoming/later.csv"),
     ]
     assert query(workspace, "SELECT count(*) FROM raw_interactions") == [(10,)]
-    assert query(workspace, "SELECT user_id, item_id, ts, evaluation FROM interactions WHERE user_id IN (1, 3, 4) "
-                 "AND item_id IN (10, 13, 14) ORDER BY user_id") == [(1, 10, 300, True), (3, 13, 60, False),
-                                                                    (4, 14, 70, False)]
+    assert query(
+        workspace,
+        "SELECT user_id, item_id, ts, evaluation FROM interactions WHERE user_id IN (1, 3, 4) "
+        "AND item_id IN (10, 13, 14) ORDER BY user_id",
+    ) == [(1, 10, 300, True), (3, 13, 60, False), (4, 14, 70, False)]
     # the flag column is now present: flagged rows decide, unflagged rows are training rows
     assert query(workspace, "SELECT * FROM split_holdout ORDER BY user_id") == [(1, [11, 12], [10])]
     assert metadata(result, "item_catalog")["items"] == 5
@@ -287,7 +289,7 @@ def test_malformed_items_file_fails_item_catalog(workspace, make_dataset):
 
 
 def test_demo_dataset_is_generated_when_dataset_is_demo(tmp_path, monkeypatch):
-    import visrec_pipeline.demo as demo
+    from visrec_pipeline import demo
 
     small = functools.partial(demo.ensure_demo_dataset, n_items=60, n_users=12, target_interactions=120)
     monkeypatch.setattr(demo, "ensure_demo_dataset", small)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from visrec_pipeline.ingest import InputFileError, find_interactions_file, read_interactions, read_items
+from visrec_pipeline.ingest import InputFileError, csv_reader, find_interactions_file, read_interactions, read_items
 from visrec_pipeline.ingest.errors import DatasetFolderError
 
 HEADER = "user_id,item_id,timestamp,evaluation\n"
@@ -67,12 +67,13 @@ def test_without_evaluation_column_flags_are_null_and_extra_columns_are_ignored(
 
 
 def test_line_numbers_count_blank_lines_crlf_and_bom_in_both_readers(tmp_path):
-    text = "\ufeffuser_id,item_id,timestamp\r\n\r\n1,10,5\r\n\r\n\r\n2,11,6\r\n"
+    text = '\ufeffuser_id,item_id,timestamp,note\r\n\r\n1,10,5,"a, b"\r\n\r\n\r\n2,11,6,c\r\n'
     fast = read_interactions(_csv(tmp_path, text, "a.csv"))
-    quoted = read_interactions(_csv(tmp_path, text.replace("2,11", '"2",11'), "b.csv"))
-    assert fast.reader == "pyarrow" and quoted.reader == "python-csv"
+    # a quoted value spanning lines needs the exact reader
+    exact = read_interactions(_csv(tmp_path, text.replace(",c\r\n", ',"c\r\nd"\r\n'), "b.csv"))
+    assert fast.reader == "pyarrow" and exact.reader == "python-csv"
     assert fast.rows.column("source_line").to_pylist() == [3, 6]
-    assert fast.rows.equals(quoted.rows)
+    assert fast.rows.equals(exact.rows)
 
 
 def test_quoted_newline_keeps_later_line_numbers_right(tmp_path):
@@ -92,14 +93,19 @@ def test_fast_and_exact_readers_agree_on_a_larger_file(tmp_path):
             "evaluation": rng.random(n) < 0.1,
         }
     )
-    plain = tmp_path / "plain.csv"
-    df.to_csv(plain, index=False)
-    quoted = tmp_path / "quoted.csv"
-    df.to_csv(quoted, index=False, quoting=1)  # csv.QUOTE_ALL
-    a, b = read_interactions(plain), read_interactions(quoted)
-    assert (a.reader, b.reader) == ("pyarrow", "python-csv")
-    assert a.rows.equals(b.rows)
-    assert a.rows.column("user_id").to_numpy().tolist() == df["user_id"].tolist()
+    df["note"] = np.where(rng.random(n) < 0.2, "x, y", "")  # quoted values with commas
+    path = tmp_path / "interactions.csv"
+    df.to_csv(path, index=False)
+    required, optional = ("user_id", "item_id", "timestamp"), ("evaluation",)
+    fast = csv_reader._read_fast("f.csv", path.read_bytes(), required, optional)
+    exact = csv_reader._read_exact("f.csv", path.read_text(), required, optional)
+    assert (fast.reader, exact.reader) == ("pyarrow", "python-csv")
+    assert fast.lines.tolist() == exact.lines.tolist() == list(range(2, n + 2))
+    for c in (*required, *optional):
+        assert fast.columns[c].equals(exact.columns[c])
+    batch = read_interactions(path)
+    assert batch.reader == "pyarrow"
+    assert batch.rows.column("user_id").to_numpy().tolist() == df["user_id"].tolist()
 
 
 def test_header_only_file_gives_zero_rows(tmp_path):
@@ -115,6 +121,7 @@ def test_header_only_file_gives_zero_rows(tmp_path):
     [
         ("abc,10,5,0", "line 3, column 'user_id': 'abc' is not an integer id"),
         ("1.5,10,5,0", "line 3, column 'user_id': '1.5' is not an integer id"),
+        ("0x10,10,5,0", "line 3, column 'user_id': '0x10' is not an integer id"),
         ("1,-4,5,0", "line 3, column 'item_id': '-4' is negative; ids must be non-negative integers"),
         (",10,5,0", "line 3, column 'user_id': empty value; expected a non-negative integer id"),
         (
@@ -130,8 +137,10 @@ def test_header_only_file_gives_zero_rows(tmp_path):
         ),
         (
             "1,10,1600000000000,0",
-            "line 3, column 'timestamp': '1600000000000' is after the year 3000: unix timestamps must be in "
-            "seconds (milliseconds?)",
+            (
+                "line 3, column 'timestamp': '1600000000000' is after the year 3000: unix timestamps must be in "
+                "seconds (milliseconds?)"
+            ),
         ),
         ("1,10,,0", "line 3, column 'timestamp': empty value; expected unix seconds or an ISO-8601 date"),
         ("1,10,5,maybe", "line 3, column 'evaluation': 'maybe' is not a boolean (true/false, 1/0)"),
@@ -251,8 +260,7 @@ def test_parquet_errors_name_the_row_index(tmp_path):
     assert str(err).splitlines()[:3] == [
         "interactions.parquet row index 1, column 'user_id': empty value; expected a non-negative integer id",
         "interactions.parquet row index 2, column 'item_id': '12.5' is not an integer id",
-        "interactions.parquet row index 2, column 'timestamp': '-7' is before 1970-01-01 (a negative unix "
-        "timestamp)",
+        ("interactions.parquet row index 2, column 'timestamp': '-7' is before 1970-01-01 (a negative unix timestamp)"),
     ]
 
 
@@ -306,8 +314,10 @@ def test_items_file_blank_text_is_null_and_quotes_work(tmp_path):
     [
         ("10,a\n11,b\n10,c\n", "items.csv line 4, column 'item_id': item 10 is listed again (first on line 2)"),
         ("10,a\nten,b\n", "items.csv line 3, column 'item_id': 'ten' is not an integer id"),
-        ("10,a\n11,b,extra\n", "items.csv line 3, column 3: unexpected extra value 'extra': the line has 3 "
-         "fields, the header 2"),
+        (
+            "10,a\n11,b,extra\n",
+            "items.csv line 3, column 3: unexpected extra value 'extra': the line has 3 fields, the header 2",
+        ),
     ],
 )
 def test_items_file_errors(tmp_path, rows, expected):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from visrec_pipeline.recsys.metrics import (
-    _count,
+    _count_np,
     ideal_dcg,
     metrics_from_ranks,
     rank_metrics,
@@ -21,7 +21,7 @@ INF = math.inf
 L2_3 = math.log2(3)  # 1.5849625...
 
 
-def one_row(scores, profile, predict, *, ks=(1, 2, 3, 10), protocol="standard", item_chunk=32768):
+def one_row(scores, profile, predict, *, ks=(1, 2, 3, 10), protocol="standard", item_chunk=32768, backend="auto"):
     """rank_metrics for a single row given as plain lists; returns floats (and the ranks)."""
     s = torch.tensor([scores], dtype=torch.float32)
     rel = torch.tensor([list(predict)], dtype=torch.long).reshape(1, -1)
@@ -35,18 +35,29 @@ def one_row(scores, profile, predict, *, ks=(1, 2, 3, 10), protocol="standard", 
         ks=ks,
         protocol=protocol,
         item_chunk=item_chunk,
+        backend=backend,
     )
     ranks, _ = relevant_ranks(
-        s, rel, torch.ones_like(rel, dtype=torch.bool), ex, torch.ones_like(ex, dtype=torch.bool), item_chunk=item_chunk
+        s,
+        rel,
+        torch.ones_like(rel, dtype=torch.bool),
+        ex,
+        torch.ones_like(ex, dtype=torch.bool),
+        item_chunk=item_chunk,
+        backend=backend,
     )
     return {k: float(v[0]) for k, v in out.items()}, ranks[0].tolist()
 
 
+BACKENDS = ["numpy", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("item_chunk", [1, 2, 32768])
-def test_tie_between_relevant_and_non_relevant_is_broken_by_index_both_ways(item_chunk):
+def test_tie_between_relevant_and_non_relevant_is_broken_by_index_both_ways(item_chunk, backend):
     scores = [0.9, 0.1, 0.5, 0.5, 0.3, 0.7]
     # profile {0} is removed; candidates by score, ties by index: 5 (.7), 2 (.5), 3 (.5), 4 (.3), 1 (.1)
-    m, ranks = one_row(scores, [0], [3], item_chunk=item_chunk)
+    m, ranks = one_row(scores, [0], [3], item_chunk=item_chunk, backend=backend)
     # item 3 ties with item 2 and loses (2 < 3): rank 2
     assert ranks == [2]
     # C = 5, n = 1; non-relevant candidates below item 3: {4, 1} -> AUC = 2 / (5 - 1) = 0.5
@@ -58,7 +69,7 @@ def test_tie_between_relevant_and_non_relevant_is_broken_by_index_both_ways(item
     assert m["ndcg@3"] == pytest.approx(0.5) and m["ndcg@2"] == 0
     assert m["n_candidates"] == 5
 
-    m, ranks = one_row(scores, [0], [2], item_chunk=item_chunk)
+    m, ranks = one_row(scores, [0], [2], item_chunk=item_chunk, backend=backend)
     # item 2 ties with item 3 and wins (2 < 3): rank 1; below it {3, 4, 1} -> AUC = 3/4
     assert ranks == [1]
     assert m["auc"] == pytest.approx(0.75)
@@ -66,11 +77,12 @@ def test_tie_between_relevant_and_non_relevant_is_broken_by_index_both_ways(item
     assert m["ndcg@2"] == pytest.approx(1 / L2_3)  # DCG = 1/log2(1 + 2), IDCG = 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("item_chunk", [1, 3, 32768])
-def test_equal_scores_everywhere_rank_by_index_with_several_relevant(item_chunk):
+def test_equal_scores_everywhere_rank_by_index_with_several_relevant(item_chunk, backend):
     # all scores equal: the candidate ranking is the index order; profile {1} removed
     # candidates 0, 2, 3, 4 -> ranks 0, 1, 2, 3; relevant {0, 3} at ranks 0 and 2
-    m, ranks = one_row([0.0] * 5, [1], [0, 3], item_chunk=item_chunk)
+    m, ranks = one_row([0.0] * 5, [1], [0, 3], item_chunk=item_chunk, backend=backend)
     assert ranks == [0, 2]
     # non-relevant candidates {2, 4}: below item 0 -> 2, below item 3 -> 1: AUC = 3 / (2 * 2)
     assert m["auc"] == pytest.approx(0.75)
@@ -138,16 +150,17 @@ def test_all_candidates_relevant_gives_auc_one():
         assert m["auc"] == 1.0 and m["recall@3"] == 1.0 and m["ndcg@3"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("item_chunk", [1, 2, 4, 32768])
-def test_infinite_scores_and_profile_items_tied_with_candidates(item_chunk):
+def test_infinite_scores_and_profile_items_tied_with_candidates(item_chunk, backend):
     # profile {1} also scores -inf: it must not take a place among the -inf candidates
     scores = [-INF, -INF, 1.0, -INF, -INF, INF]
     # candidates: 5 (+inf), 2 (1.0), then -inf by index: 0, 3, 4
-    m, ranks = one_row(scores, [1], [3, 5], item_chunk=item_chunk)
+    m, ranks = one_row(scores, [1], [3, 5], item_chunk=item_chunk, backend=backend)
     assert ranks == [3, 0]
     # non-relevant {2, 0, 4}: below item 3 -> {4} = 1; below item 5 -> 3; AUC = 4 / (2 * 3)
     assert m["auc"] == pytest.approx(4 / 6)
-    m, ranks = one_row(scores, [1, 5], [0], item_chunk=item_chunk)
+    m, ranks = one_row(scores, [1, 5], [0], item_chunk=item_chunk, backend=backend)
     assert ranks == [1]  # only item 2 is above item 0
 
 
@@ -185,7 +198,9 @@ def test_ks_empty_gives_auc_and_rr_only():
     assert set(m) == {"auc", "rr", "n_candidates"}
 
 
-@pytest.mark.parametrize("bad", [{"ks": (0,)}, {"ks": (2.5,)}, {"protocol": "nope"}, {"item_chunk": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"ks": (0,)}, {"ks": (2.5,)}, {"protocol": "nope"}, {"item_chunk": 0}, {"backend": "cuda"}]
+)
 def test_bad_arguments_raise(bad):
     with pytest.raises(ValueError):
         one_row([0.3, 0.2, 0.1], [], [1], **{"ks": (1,), **bad})
@@ -219,27 +234,31 @@ def batch_tensors(scores, profiles, predicts):
     return torch.from_numpy(scores), rel, rel_mask, ex, ex_mask
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("protocol", ["standard", "tutorial"])
-def test_vectorised_equals_per_row_argsort_reference_on_tied_random_data(protocol):
+def test_vectorised_equals_per_row_argsort_reference_on_tied_random_data(protocol, backend):
     ks = (1, 5, 20, 100, 500)
     scores, profiles, predicts = random_case(7)
     tensors = batch_tensors(scores, profiles, predicts)
-    expected = [reference_row_metrics(scores[u], profiles[u], predicts[u], ks=ks, protocol=protocol) for u in range(len(scores))]
+    expected = [
+        reference_row_metrics(scores[u], profiles[u], predicts[u], ks=ks, protocol=protocol)
+        for u in range(len(scores))
+    ]
     for item_chunk in (3, 64, 32768):
-        out = rank_metrics(*tensors, ks=ks, protocol=protocol, item_chunk=item_chunk)
+        out = rank_metrics(*tensors, ks=ks, protocol=protocol, item_chunk=item_chunk, backend=backend)
         for name in expected[0]:
             got = out[name].numpy()
             want = np.array([e[name] for e in expected])
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"{name}, item_chunk={item_chunk}")
 
 
-def test_chunking_invariance_of_ranks_is_exact():
+def test_chunking_and_backend_invariance_of_ranks_is_exact():
     scores, profiles, predicts = random_case(11, m=25, n_items=257, decimals=0)
     tensors = batch_tensors(scores, profiles, predicts)
-    base, base_c = relevant_ranks(*tensors, item_chunk=10**6)
-    for item_chunk in (1, 2, 3, 7, 64, 256):
-        ranks, c = relevant_ranks(*tensors, item_chunk=item_chunk)
-        assert torch.equal(ranks[tensors[2]], base[tensors[2]]), item_chunk
+    base, base_c = relevant_ranks(*tensors, item_chunk=10**6, backend="torch")
+    for item_chunk, backend in [(c, b) for c in (1, 2, 3, 7, 8, 64, 256, 10**6) for b in BACKENDS]:
+        ranks, c = relevant_ranks(*tensors, item_chunk=item_chunk, backend=backend)
+        assert torch.equal(ranks[tensors[2]], base[tensors[2]]), (item_chunk, backend)
         assert torch.equal(c, base_c)
 
 
@@ -274,9 +293,24 @@ def test_large_catalogue_small_memory_matches_reference():
 def test_count_of_flags_is_exact_on_every_path(n):
     # all-true rows put 255 into every byte lane at n = 2040 (the fast path's limit)
     rng = np.random.default_rng(n)
-    flags = torch.from_numpy(rng.random((3, 2, n)) < 0.5)
+    flags = rng.random((3, 2, n)) < 0.5
     flags[0, 0] = True
     flags[0, 1] = False
-    got = _count(flags)
-    assert got.dtype == torch.int32
+    got = _count_np(flags)
     assert got.tolist() == flags.sum(-1).tolist()
+    assert _count_np(flags[:, :, : n // 2]).tolist() == flags[:, :, : n // 2].sum(-1).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_at_zero_stay_exact_when_the_cpu_flushes_denormals(monkeypatch, backend):
+    # with DAZ on, nextafter(0, -inf) would read as 0; the threshold falls back to -tiny_normal
+    import visrec_pipeline.recsys.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_denormals_compare_exactly", lambda device=None: False)
+    scores = [0.0, 0.0, 0.5, 0.0, -1.0, 0.0]
+    # candidates: 2 (.5), then the zeros by index 0, 1, 3, 5, then 4 (-1): item 5 at rank 4
+    for chunk in (1, 2, 32768):
+        _, ranks = one_row(scores, [], [5, 3], item_chunk=chunk, backend=backend)
+        assert ranks == [4, 3]
+    assert metrics._ge_threshold(np.zeros(1, np.float32), np).tolist() == [-np.finfo(np.float32).tiny]
+

@@ -36,7 +36,7 @@ def test_loss_decreases_and_validation_auc_improves(planted):
     model = VBPR(fast_config())
     hist = model.fit(fit, inputs)
     assert len(hist.loss) == 12 and len(hist.val_auc) == 12
-    assert all(b < a for a, b in zip(hist.loss[:6], hist.loss[1:7])), hist.loss
+    assert all(b < a for a, b in zip(hist.loss[:6], hist.loss[1:7], strict=True)), hist.loss
     assert hist.loss[-1] < 0.75 * hist.loss[0]
     assert max(hist.val_auc) > hist.val_auc[0] + 0.05, hist.val_auc
     assert hist.notes["sampler"]["positives"] == fit.train.nnz
@@ -134,3 +134,25 @@ def test_bpr_mf_learns_and_scores_unknown_users_by_item_bias(planted):
     assert auc > 0.8
     s = model.score(ScoreBatch(torch.tensor([-1]), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)))
     np.testing.assert_allclose(s[0].numpy(), model.module.beta_item.weight[:, 0].detach().numpy(), rtol=1e-6)
+
+
+def test_without_validation_all_epochs_run_on_the_auto_device(planted):
+    model = VBPR(fast_config(epochs=3, device="auto"))
+    hist = model.fit(planted.data, planted.inputs())
+    assert len(hist.loss) == 3 and hist.val_auc == [] and hist.best_epoch == 3
+    assert "none given" in hist.notes["validation"]
+    assert hist.notes["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vbpr_trains_on_cuda_and_scores_match_on_cpu(planted):
+    model = VBPR(fast_config(epochs=3, device="cuda"))
+    hist = model.fit(planted.data, planted.inputs())
+    assert hist.notes["device"].startswith("cuda") and hist.loss[-1] < hist.loss[0]
+    batch = ScoreBatch(torch.arange(10), torch.zeros(10, 1, dtype=torch.long), torch.ones(10, 1, dtype=torch.bool))
+    on_gpu = model.score(batch)
+    assert on_gpu.device.type == "cuda"
+    cpu = VBPR(fast_config(device="cpu"))
+    cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    np.testing.assert_allclose(cpu.score(batch).numpy(), on_gpu.cpu().numpy(), rtol=1e-4, atol=1e-4)

@@ -42,6 +42,7 @@ def test_positives_in_profile_negatives_never():
         t = concat(sampler.epoch(e))
         assert member(train, t["user"], t["pos"]).all()
         assert not member(train, t["user"], t["neg"]).any()
+        assert sampler.contains(t["user"], t["pos"]).all() and not sampler.contains(t["user"], t["neg"]).any()
         assert t["neg"].min() >= 0 and t["neg"].max() < train.n_cols
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from visrec_pipeline.recsys.base import ScoreBatch, resolve_device
+from visrec_pipeline.recsys.base import resolve_device
 from visrec_pipeline.recsys.data import CSR, Holdout
 from visrec_pipeline.recsys.evaluate import evaluate
 from visrec_pipeline.recsys.models.baselines import MostPopular
-from visrec_pipeline.recsys.trainer import TrainConfig, fit_triples, make_validator
+from visrec_pipeline.recsys.trainer import OptimizerGroup, TrainConfig, default_optimizer, fit_triples, make_validator
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def test_eval_every_and_max_batches():
     hist = fit_triples(model, batches, cfg, validate=lambda: calls.append(1) or 0.5 + 0.1 * len(calls))
     assert hist.notes["val_epochs"] == [2, 4, 5]  # every 2nd epoch and the last
     assert len(hist.val_auc) == 3
-    assert all(counted.count(e) <= 4 for e in range(5))  # 3 used (+1 drawn then dropped)
+    assert all(counted.count(e) == 3 for e in range(5)), "only the batches used are drawn"
 
 
 def test_seeded_runs_are_identical_and_custom_loss():
@@ -122,6 +122,36 @@ def test_custom_optimizer_is_used():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     fit_triples(model, toy_batches(), TrainConfig(epochs=2, batch_size=16, lr=1.0, device="cpu"), optimizer=opt)
     assert torch.equal(model.w.detach(), torch.zeros(4))
+
+
+class SparseToy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 3, sparse=True)
+        self.w = nn.Parameter(torch.ones(3))
+
+    def loss(self, batch):
+        return ((self.emb(batch["user"]) * self.w).sum(1) - 1.0).square().mean()
+
+
+def test_sparse_embeddings_get_lazy_adam_and_untouched_rows_stay():
+    model = SparseToy()
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.05, device="cpu")
+    opt = default_optimizer(model, cfg)
+    assert isinstance(opt, OptimizerGroup)
+    assert [type(o).__name__ for o in opt.optimizers] == ["SparseAdam", "Adam"]
+    before = model.emb.weight.detach().clone()
+
+    def batches(epoch):
+        yield {"user": torch.tensor([0, 1, 2, 1])}
+
+    hist = fit_triples(model, batches, cfg)
+    assert hist.loss[-1] < hist.loss[0]
+    assert torch.equal(model.emb.weight[3:], before[3:]), "rows never in a batch are not moved"
+    assert not torch.equal(model.emb.weight[:3], before[:3])
+    with pytest.raises(ValueError, match="weight_decay"):
+        default_optimizer(model, TrainConfig(epochs=1, batch_size=1, lr=0.1, weight_decay=0.1))
+    assert isinstance(default_optimizer(Toy(), cfg), torch.optim.Adam)
 
 
 def test_device_auto_picks_cpu_without_cuda():

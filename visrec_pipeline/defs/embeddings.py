@@ -16,7 +16,7 @@ from visrec_pipeline import db
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.embeddings import preview, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
-from visrec_pipeline.embeddings.extract import extract_features, load_backbone
+from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_device
 from visrec_pipeline.embeddings.kmeans import kmeans, l2_normalize
 from visrec_pipeline.embeddings.similarity import cosine_neighbours
 
@@ -36,7 +36,9 @@ class EmbeddingConfig(dg.Config):
         default="auto", description="autocast dtype; auto = bf16 on CUDA / on CPUs with native bf16, else fp32"
     )
     batch_size: int = Field(default=32, ge=1)
-    num_workers: int = Field(default=-1, description="DataLoader decode workers; -1 = min(2, CPUs)")
+    num_workers: int = Field(
+        default=-1, description="DataLoader decode workers; -1 = min(2, CPUs) on CPU, min(8, CPUs) on CUDA"
+    )
     seed: int = Field(default=0, description="seed of the random initialisation (weights=random or auto fallback)")
     download_timeout_s: float = Field(default=10.0, gt=0, description="socket timeout of the weights download")
     progress_every_batches: int = Field(default=10, ge=1)
@@ -166,7 +168,8 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             pruned = store.commit_index(conn, spec.name, choice.tag, writer.shard, rows, provenance)
         compacted = store.compact(duckdb.get_connection, ws.features_dir, spec.name, max_shards=config.max_shards)
         with duckdb.get_connection() as conn:
-            superseded = shards_before - store.referenced_shards(conn, spec.name)
+            written = {(choice.tag, writer.shard)} if writer.shard else set()
+            superseded = (shards_before | written) - store.referenced_shards(conn, spec.name)
             files_removed = store.remove_unreferenced(conn, ws.features_dir, spec.name, superseded)
             snap = store.snapshot(conn, ws.features_dir, spec.name)
             path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
@@ -262,7 +265,7 @@ def visual_clusters(
         snap = store.snapshot(conn, ws.features_dir, CLUSTER_BACKBONE)
         path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
     ids = snap.item_ids
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     t0 = time.perf_counter()
     if len(ids):
         feats, _ = snap.pooled(ids)

@@ -18,7 +18,6 @@ and resource parameter annotations at decoration time and cannot read strings.
 
 import os
 import time
-from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -64,8 +63,9 @@ class CommonsImageSource(dg.ConfigurableResource):
         default=330, description=f"Thumbnail width to download, one of {STANDARD_THUMB_WIDTHS}: Commons only "
         "renders standard widths."
     )
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    read_timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Seconds to establish a connection.")
+    read_timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for any single socket read.")
+    transfer_timeout_s: float = Field(default=300.0, gt=0, description="Longest time one response body may take.")
     max_retries: int = Field(default=5, ge=0, description="Retries per request after the first attempt.")
     backoff_base_s: float = Field(default=1.0, ge=0, description="Full-jitter backoff base (doubles per retry).")
     max_retry_after_s: float = Field(default=300.0, gt=0, description="Give up when asked to wait longer.")
@@ -89,6 +89,7 @@ class CommonsImageSource(dg.ConfigurableResource):
             thumb_width=self.thumb_width,
             connect_timeout_s=self.connect_timeout_s,
             read_timeout_s=self.read_timeout_s,
+            transfer_timeout_s=self.transfer_timeout_s,
             max_retries=self.max_retries,
             backoff_base_s=self.backoff_base_s,
             max_retry_after_s=self.max_retry_after_s,
@@ -123,10 +124,11 @@ def md_table(df: pd.DataFrame) -> str:
 
 
 def _resolve_source(config: ItemImagesConfig, settings: VisrecSettings, commons: CommonsImageSource) -> ImageSource:
-    images_dir = settings.workspace.dataset_dir / "images"
+    ws = settings.workspace
+    images_dir = ws.dataset_dir / "images"
     kind = config.source
-    if kind == "auto":
-        kind = "folder" if images_dir.is_dir() else "commons"
+    if kind == "auto":  # the demo always has its images on disk, never on Commons
+        kind = "folder" if images_dir.is_dir() or ws.is_demo else "commons"
     if kind == "folder":
         if not images_dir.is_dir():
             raise dg.Failure(f"source=folder but the dataset has no images/ folder: {images_dir}")
@@ -135,10 +137,11 @@ def _resolve_source(config: ItemImagesConfig, settings: VisrecSettings, commons:
 
 
 def _grid_markdown(store: ImageStore, examples: list[tuple[int, str]]) -> str | None:
-    if not examples:
+    present = [(i, h) for i, h in examples if store.exists(h)]
+    if not present:
         return None
-    images = [store.open(h) for _, h in examples]
-    png = image_grid_png(images, captions=[f"item {i}" for i, _ in examples], cols=8, tile=96)
+    images = [store.open(h) for _, h in present]
+    png = image_grid_png(images, captions=[f"item {i}" for i, _ in present], cols=8, tile=96)
     return png_markdown(png, "sample thumbnails")
 
 
@@ -171,21 +174,23 @@ def item_images(
         )
 
     started = time.perf_counter()
-    report = sync_item_images(
-        duckdb.get_connection,
-        source,
-        store,
-        workspace_root=ws.root,
-        limits=limits,
-        retry_failed=config.retry_failed,
-        chunk_size=config.chunk_size,
-        workers=config.workers,
-        pool_kind=config.pool,
-        on_chunk=progress,
-    )
     client = getattr(source, "client", None)
-    if client is not None:
-        client.close()
+    try:
+        report = sync_item_images(
+            duckdb.get_connection,
+            source,
+            store,
+            workspace_root=ws.root,
+            limits=limits,
+            retry_failed=config.retry_failed,
+            chunk_size=config.chunk_size,
+            workers=config.workers,
+            pool_kind=config.pool,
+            on_chunk=progress,
+        )
+    finally:
+        if client is not None:
+            client.close()
 
     with duckdb.get_connection() as conn:
         summary = conn.execute(db.sql("images_summary")).df()
@@ -274,9 +279,14 @@ def item_images_files_intact(settings: VisrecSettings, duckdb: VisrecDuckDB) -> 
     store = ImageStore.for_workspace(ws)
     missing, mismatched, misplaced = [], [], []
     for item_id, h, rel in rows:  # hashing ~20 KB per thumbnail; the connection is closed meanwhile
-        if rel != store.relative_path(h):
+        try:
+            expected = store.relative_path(h)
+        except ValueError:  # not a SHA-256 digest
+            expected = None
+        if expected is None or rel != expected:
             misplaced.append(item_id)
-        path = ws.root / rel
+            continue
+        path = store.path_for(h)  # built from the validated hash, never from the stored string
         if not path.is_file():
             missing.append(item_id)
         elif file_sha256(path) != h:

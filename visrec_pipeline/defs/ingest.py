@@ -199,7 +199,9 @@ def interactions(context: dg.AssetExecutionContext, duckdb: VisrecDuckDB) -> dg.
     description="One row per item with interactions: title, creator and URL from the dataset's items.csv "
     "when listed there (NULL otherwise), and first_seen, the item's earliest interaction (unix seconds).",
 )
-def item_catalog(context: dg.AssetExecutionContext, settings: VisrecSettings, duckdb: VisrecDuckDB) -> dg.MaterializeResult:
+def item_catalog(
+    context: dg.AssetExecutionContext, settings: VisrecSettings, duckdb: VisrecDuckDB
+) -> dg.MaterializeResult:
     try:
         items = read_dataset_items(settings.workspace.dataset_dir)
     except InputFileError as exc:

@@ -6,6 +6,7 @@ from visrec_pipeline.demo.generate import (
     BatchSummary,
     DemoSummary,
     ensure_demo_dataset,
+    ensure_demo_summary,
     generate_demo_dataset,
     load_demo_summary,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "BatchSummary",
     "DemoSummary",
     "ensure_demo_dataset",
+    "ensure_demo_summary",
     "generate_demo_dataset",
     "load_demo_summary",
 ]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from visrec_pipeline.demo.generate import ensure_demo_dataset, generate_demo_dataset, load_demo_summary
+from visrec_pipeline.demo.generate import ensure_demo_summary, generate_demo_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.force:
             summary = generate_demo_dataset(args.out, **sizes)
         else:
-            summary = load_demo_summary(ensure_demo_dataset(args.out, **sizes))
+            summary = ensure_demo_summary(args.out, **sizes)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

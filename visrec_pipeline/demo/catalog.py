@@ -33,6 +33,7 @@ ASPECTS = (
 )
 ASPECT_WEIGHTS = (0.22, 0.25, 0.15, 0.14, 0.1, 0.08, 0.06)
 MIN_SIDE, MAX_SIDE = 160, 640
+MAX_ASPECT = 3.0
 
 FIRST_UPLOAD_YEAR, LAST_UPLOAD_YEAR = 2016, 2021
 
@@ -119,7 +120,7 @@ def make_creators(rng: np.random.Generator, n_creators: int) -> Creators:
         if name not in seen:
             seen.add(name)
             names.append(name)
-    weight = 1.0 / np.arange(1, n_creators + 1) ** 0.9
+    weight = 1.0 / np.arange(1, n_creators + 1) ** 0.8
     return Creators(
         names=tuple(names),
         palette=rng.integers(len(PALETTES), size=n_creators),
@@ -149,7 +150,8 @@ def _image_sizes(rng: np.random.Generator, n: int, is_png: np.ndarray) -> tuple[
     # PNG stays small (lossless noise textures are heavy); panoramas keep a wide long side.
     long_side = np.where(is_png, rng.integers(200, 361, size=n), long_side)
     long_side = np.where(ratio >= 2.0, np.maximum(long_side, np.ceil(MIN_SIDE * ratio)), long_side)
-    short_side = np.clip(np.round(long_side / np.maximum(ratio, 1 / ratio)), MIN_SIDE, MAX_SIDE)
+    short_side = np.round(long_side / np.maximum(ratio, 1 / ratio))
+    short_side = np.clip(np.maximum(short_side, np.ceil(long_side / MAX_ASPECT)), MIN_SIDE, MAX_SIDE)
     width = np.where(ratio >= 1.0, long_side, short_side).astype(np.int64)
     height = np.where(ratio >= 1.0, short_side, long_side).astype(np.int64)
     return width, height
@@ -199,7 +201,7 @@ def file_title(rng: np.random.Generator, item_id: int, is_png: bool) -> str:
     subject = _SUBJECTS[rng.integers(len(_SUBJECTS))]
     place = _PLACES[rng.integers(len(_PLACES))]
     ext = "png" if is_png else "jpg"
-    return f"File:{subject}_of_{place}_{item_id % 100000:05d}.{ext}"
+    return f"File:{subject}_of_{place}_{item_id}.{ext}"  # the id keeps titles unique
 
 
 def commons_url(title: str) -> str:

@@ -13,46 +13,27 @@ dataset and two processes never build the same folder at once.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from visrec_pipeline.demo import behaviour as bh
-from visrec_pipeline.demo.catalog import (
-    LAST_UPLOAD_YEAR,
-    Catalog,
-    commons_url,
-    file_title,
-    make_creators,
-    make_items,
-    month_start,
-    upload_months,
-)
-from visrec_pipeline.demo.render import encode_image, render_item
+from visrec_pipeline.demo.catalog import commons_url, file_title
+from visrec_pipeline.demo.folder import folder_lock, make_temp_sibling, remove_leftovers, swap_into_place
+from visrec_pipeline.demo.render import encode_image, render_image
+from visrec_pipeline.demo.simulate import BuiltCatalog, simulate_demo
 
 # Bump when the output for a given seed changes; ensure_demo_dataset then regenerates.
 GENERATOR_VERSION = "1"
 MARKER = ".complete"
 INTERACTION_HEADER = ("user_id", "item_id", "timestamp")
 ITEM_HEADER = ("item_id", "title", "creator", "url")
-
-# Initial interactions fall in [2016-02, 2022-07); later batch b covers the two
-# months from 2022-07 + 2(b-1), with its new items uploaded the month before.
-_PERIOD = (month_start(2016, 2), month_start(LAST_UPLOAD_YEAR + 1, 7))
-_BATCH_MONTHS = 2
-_BATCH_SHARE = 0.02  # later-batch rows per initial row
-_NEW_ITEM_SHARE = 0.01
-_NEW_USER_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -102,8 +83,8 @@ def _params_record(seed: int, n_items: int, n_users: int, target_interactions: i
 
 
 def _validate(n_items: int, n_users: int, target_interactions: int, later_batches: int) -> None:
-    if not 50 <= n_items <= 50_000:
-        raise ValueError(f"n_items must be in 50..50000, got {n_items}")
+    if not 50 <= n_items <= 30_000:  # at most 999 uploads a month over 72 months
+        raise ValueError(f"n_items must be in 50..30000, got {n_items}")
     if not 10 <= n_users <= 100_000:
         raise ValueError(f"n_users must be in 10..100000, got {n_users}")
     if not 0 <= later_batches <= 12:
@@ -114,12 +95,6 @@ def _validate(n_items: int, n_users: int, target_interactions: int, later_batche
             f"target_interactions must be in {3 * n_users}..{cap * n_users // 2} "
             f"for {n_users} users and {n_items} items, got {target_interactions}"
         )
-
-
-def _batch_month(b: int) -> tuple[int, int]:
-    """(year, month) of the first month of later batch ``b`` (1-based)."""
-    m = 7 + _BATCH_MONTHS * (b - 1) - 1
-    return LAST_UPLOAD_YEAR + 1 + m // 12, m % 12 + 1
 
 
 def _csv_bytes(header: tuple[str, ...], rows) -> bytes:
@@ -142,29 +117,7 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-@dataclass
-class _Built:
-    catalog: Catalog  # initial + every batch's new items
-    n_initial_items: int
-    batch_item_slices: list[slice]
-    creator_names: tuple[str, ...]
-
-
-def _build_catalog(rng: np.random.Generator, n_items: int, later_batches: int) -> _Built:
-    creators = make_creators(rng, max(8, n_items // 12))
-    catalog = make_items(rng, creators, n_items, upload_months())
-    slices = []
-    n_new = max(3, round(_NEW_ITEM_SHARE * n_items))
-    for b in range(1, later_batches + 1):
-        y, m = _batch_month(b)
-        prev = (y, m - 1) if m > 1 else (y - 1, 12)
-        fresh = make_items(rng, creators, n_new, [prev])
-        slices.append(slice(len(catalog), len(catalog) + n_new))
-        catalog = catalog.concat(fresh)
-    return _Built(catalog, n_items, slices, creators.names)
-
-
-def _items_csv(built: _Built, rng: np.random.Generator, index: slice) -> bytes:
+def _items_csv(built: BuiltCatalog, rng: np.random.Generator, index: slice) -> bytes:
     cat = built.catalog
     rows = []
     for k in range(index.start, index.stop):
@@ -175,21 +128,25 @@ def _items_csv(built: _Built, rng: np.random.Generator, index: slice) -> bytes:
     return _csv_bytes(ITEM_HEADER, rows)
 
 
-def _write_images(built: _Built, images_dir: Path) -> tuple[int, int]:
+def _write_images(built: BuiltCatalog, images_dir: Path) -> tuple[int, int]:
     """Render every item; returns (image count, total bytes)."""
     cat = built.catalog
     images_dir.mkdir(parents=True, exist_ok=True)
     total = 0
     for k in range(len(cat)):
-        rgb = render_item(
+        image = render_image(
             int(cat.palette[k]), int(cat.texture[k]), int(cat.shape[k]), int(cat.brightness[k]),
             int(cat.width[k]), int(cat.height[k]), int(cat.render_seed[k]),
         )
-        data = encode_image(rgb, bool(cat.is_png[k]))
+        data = encode_image(image, bool(cat.is_png[k]))
         # The id is an int we generated, so this name is safe.
         _write(images_dir / f"{int(cat.item_id[k])}.{'png' if cat.is_png[k] else 'jpg'}", data)
         total += len(data)
     return len(cat), total
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 def _readme(record: dict, summary: DemoSummary) -> bytes:
@@ -221,8 +178,9 @@ Regenerate the identical folder with:
 {batches}
 
 Users: {summary.n_users}. Item ids are `YYYYMMNNN` (upload year, month,
-sequence in the month), uploads 2016-2021; interactions
-{summary.first_ts}..{summary.last_ts} (unix seconds), each after its item's upload month.
+sequence in the month), uploads 2016-2021; interactions from {_iso(summary.first_ts)}
+to {_iso(summary.last_ts)} ({summary.first_ts}..{summary.last_ts} unix seconds), each after
+its item's upload month.
 
 ## How it was generated
 
@@ -235,77 +193,6 @@ so appearance dominates, popularity and creator loyalty matter moderately.
 User activity is long-tailed (at least 3 interactions per user).
 """
     return text.encode("utf-8")
-
-
-@dataclass
-class _Batch:
-    name: str
-    user: np.ndarray  # user index
-    item: np.ndarray  # item index into the full catalogue
-    ts: np.ndarray
-    fresh: slice  # this batch's new items
-    n_users: int
-    n_new_users: int
-
-
-@dataclass
-class Simulation:
-    """Everything a generation decides, before anything is written."""
-
-    built: _Built
-    user_id: np.ndarray  # per user index (initial users first, then each batch's newcomers)
-    user: np.ndarray  # initial rows, duplicates included
-    item: np.ndarray
-    ts: np.ndarray
-    n_unique: int
-    batches: list[_Batch]
-    text_rng: np.random.Generator
-
-
-def simulate_demo(
-    *, seed: int, n_items: int, n_users: int, target_interactions: int, later_batches: int,
-    params: bh.BehaviourParams | None = None,
-) -> Simulation:
-    params = params or bh.BehaviourParams()
-    streams = np.random.SeedSequence([int(seed), 0x56495352]).spawn(4)
-    catalog_rng, behaviour_rng, batch_rng, text_rng = (np.random.default_rng(s) for s in streams)
-
-    built = _build_catalog(catalog_rng, n_items, later_batches)
-    cat = built.catalog
-    n_new_users = max(1, round(_NEW_USER_SHARE * n_users))
-    pop = bh.make_population(behaviour_rng, n_users + n_new_users * later_batches, params)
-    model = bh.ChoiceModel(cat, pop, len(built.creator_names), params)
-
-    # Initial interactions.
-    cap = int(params.max_share_of_catalog * n_items)
-    counts = bh.activity_counts(behaviour_rng, n_users, target_interactions, cap, params)
-    timelines = bh.user_timelines(behaviour_rng, counts, cat.upload_end[:n_items], _PERIOD, params)
-    u, i, t = bh.simulate(behaviour_rng, model, np.arange(n_users), timelines)
-    n_unique = u.size
-    u, i, t = bh.add_duplicates(behaviour_rng, u, i, t, cat.upload_end, params.duplicate_share)
-
-    # Later batches: mostly returning users, a few new ones, a few fresh uploads.
-    batches = []
-    for b in range(1, later_batches + 1):
-        y, m = _batch_month(b)
-        window = (month_start(y, m), month_start(y, m + _BATCH_MONTHS))
-        n_returning = max(1, min(n_users, round(_BATCH_SHARE * n_unique / 2.5)))
-        returning = np.sort(batch_rng.choice(n_users, size=n_returning, replace=False, p=counts / counts.sum()))
-        newcomers = np.arange(n_users + (b - 1) * n_new_users, n_users + b * n_new_users)
-        users = np.concatenate([returning, newcomers])
-        per_user = np.concatenate(
-            [batch_rng.integers(1, 5, size=returning.size), batch_rng.integers(3, 7, size=newcomers.size)]
-        )
-        lines = [
-            bh.strictly_increasing(np.sort(batch_rng.uniform(window[0], window[1] - 3600, size=int(n))).astype(np.int64))
-            for n in per_user
-        ]
-        fresh = built.batch_item_slices[b - 1]
-        boost = np.zeros(len(cat))
-        boost[fresh] = params.new_item_boost
-        bu, bi, btt = bh.simulate(batch_rng, model, users, lines, boost=boost, progress_override=1.0)
-        batches.append(_Batch(f"batch_{b:03d}", bu, bi, btt, fresh, int(users.size), int(newcomers.size)))
-    return Simulation(built, pop.user_id, u, i, t, int(n_unique), batches, text_rng)
 
 
 def _build_into(
@@ -362,50 +249,16 @@ def _replace(summary: DemoSummary, **changes) -> DemoSummary:
     return DemoSummary(**values)
 
 
-@contextmanager
-def _folder_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive flock on ``.<name>.lock`` next to ``out_dir`` (released when the process dies)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(lock_path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Temp siblings of a killed generation; safe because the caller holds the folder lock."""
-    for prefix in (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"):
-        for p in out_dir.parent.glob(f"{prefix}*"):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.replace(tmp, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise NotADirectoryError(f"demo dataset target {out_dir} exists and is not a folder")
-    # New batches a user dropped into incoming/ are theirs: carry them over.
-    incoming = out_dir / "incoming"
-    if incoming.is_dir() and not incoming.is_symlink():
-        os.replace(incoming, tmp / "incoming")
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "dataset")
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _generate_locked(out_dir: Path, record: dict) -> DemoSummary:
-    _remove_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise NotADirectoryError(f"demo dataset target {out_dir} exists and is not a folder")
+    remove_leftovers(out_dir)
+    tmp = make_temp_sibling(out_dir)
     try:
         kwargs = {k: v for k, v in record.items() if k != "generator_version"}
         summary = _build_into(tmp, **kwargs)
-        _swap_into_place(tmp, out_dir)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -425,7 +278,7 @@ def generate_demo_dataset(
     _validate(n_items, n_users, target_interactions, later_batches)
     out_dir = Path(out_dir).expanduser().absolute()
     record = _params_record(seed, n_items, n_users, target_interactions, later_batches)
-    with _folder_lock(out_dir):
+    with folder_lock(out_dir):
         return _generate_locked(out_dir, record)
 
 
@@ -466,13 +319,37 @@ def ensure_demo_dataset(
     target_interactions: int = 30000,
     later_batches: int = 1,
 ) -> Path:
-    """Generate the demo dataset into ``out_dir`` unless a complete one with these parameters is there."""
+    """Generate the demo dataset into ``out_dir`` unless a complete one with these parameters is there.
+
+    A folder without the ``.complete`` marker, or with one for another seed, size or
+    generator version, is replaced (its ``incoming/`` is kept).
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    ensure_demo_summary(
+        out_dir, seed=seed, n_items=n_items, n_users=n_users,
+        target_interactions=target_interactions, later_batches=later_batches,
+    )
+    return out_dir
+
+
+def ensure_demo_summary(
+    out_dir: Path,
+    *,
+    seed: int = 7,
+    n_items: int = 1500,
+    n_users: int = 300,
+    target_interactions: int = 30000,
+    later_batches: int = 1,
+) -> DemoSummary:
+    """``ensure_demo_dataset``, returning the summary: fresh (with ``seconds``) or read from the marker."""
     _validate(n_items, n_users, target_interactions, later_batches)
     out_dir = Path(out_dir).expanduser().absolute()
     record = _params_record(seed, n_items, n_users, target_interactions, later_batches)
-    if is_complete(out_dir, record):
-        return out_dir
-    with _folder_lock(out_dir):
-        if not is_complete(out_dir, record):  # another process may have finished it meanwhile
-            _generate_locked(out_dir, record)
-    return out_dir
+    if not is_complete(out_dir, record):
+        with folder_lock(out_dir):
+            if not is_complete(out_dir, record):  # another process may have finished it meanwhile
+                return _generate_locked(out_dir, record)
+    summary = load_demo_summary(out_dir)
+    if summary is None:  # pragma: no cover - is_complete just read the same marker
+        raise RuntimeError(f"{out_dir / MARKER} vanished while reading it")
+    return summary

@@ -82,8 +82,8 @@ def _shape_mask(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarra
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def render_item(palette: int, texture: int, shape: int, brightness: int, width: int, height: int, seed: int) -> np.ndarray:
-    """The [height, width, 3] uint8 RGB image of one item."""
+def render_image(palette: int, texture: int, shape: int, brightness: int, width: int, height: int, seed: int) -> Image.Image:
+    """The ``width`` x ``height`` RGB image of one item."""
     rng = np.random.default_rng(int(seed))
     short = float(min(width, height))
     x = ((np.arange(width, dtype=np.float32) - width / 2) / short)[None, :]
@@ -98,23 +98,33 @@ def render_item(palette: int, texture: int, shape: int, brightness: int, width: 
     light = BRIGHTNESS[brightness] == "light"
     stamp = _hsv(hue, sat * (1.0 if light else 0.45), value * 0.45 if light else min(1.0, value + 0.35))
 
-    # Blend through a 256-entry colour table: one uint8 gather instead of float RGB arithmetic.
+    # Blend through a 256-entry palette: Pillow maps the quantised field to RGB in C.
     t = _texture(TEXTURES[texture], rng, x, y, width, height)
     levels = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None]
     table = (np.clip(first * (1.0 - levels) + second * levels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    img = table[(t * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)]
-    img[_shape_mask(SHAPES[shape], rng, x, y)] = (np.clip(stamp, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    index = (t * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
+    img = Image.frombytes("P", (width, height), np.ascontiguousarray(index).tobytes())
+    img.putpalette(table.tobytes())
+    img = img.convert("RGB")
+    mask = _shape_mask(SHAPES[shape], rng, x, y)
+    stamp_rgb = tuple(int(c) for c in (np.clip(stamp, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    img.paste(stamp_rgb, mask=Image.fromarray(np.ascontiguousarray(mask)))
     return img
 
 
-def encode_image(rgb: np.ndarray, is_png: bool) -> bytes:
+def render_item(palette: int, texture: int, shape: int, brightness: int, width: int, height: int, seed: int) -> np.ndarray:
+    """The [height, width, 3] uint8 RGB array of one item."""
+    return np.asarray(render_image(palette, texture, shape, brightness, width, height, seed))
+
+
+def encode_image(image: Image.Image | np.ndarray, is_png: bool) -> bytes:
     """JPEG bytes, or PNG (RGBA, opaque) bytes; fixed encoder settings so bytes are reproducible."""
+    rgb = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8), mode="RGB")
     buf = io.BytesIO()
     if is_png:
-        alpha = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
-        Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA").save(
-            buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-        )
+        rgba = rgb.copy()
+        rgba.putalpha(255)
+        rgba.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
-        Image.fromarray(rgb, mode="RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+        rgb.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False)
     return buf.getvalue()

@@ -117,7 +117,7 @@ def visrank_scores(features: np.ndarray, data: HoldoutData, users: np.ndarray, *
 
 
 def evaluate(features: dict[str, np.ndarray], data: HoldoutData, ks=(20, 100)) -> dict[str, dict[str, float]]:
-    """MostPopular and VisRank (raw and mean-centred) for each named feature matrix."""
+    """MostPopular, and VisRank on each named feature matrix: raw, mean-centred, L2-normalised then centred."""
     users = data.test_user
     profile = _profile_mask(data, users)
     pop = np.broadcast_to(most_popular_scores(data), profile.shape)

@@ -18,13 +18,13 @@ def cosine_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` ``(ids [q, k], cosine [q, k])`` per query over ``chunks`` of ``(item_ids, features)``,
     excluding each query itself; a running top-k keeps memory at one chunk. Short rows pad with id -1."""
-    q = l2_normalize(torch.from_numpy(np.asarray(query_features, np.float32)))
-    qids = torch.from_numpy(np.asarray(query_ids, np.int64))
+    q = l2_normalize(torch.from_numpy(np.array(query_features, dtype=np.float32)))
+    qids = torch.from_numpy(np.array(query_ids, dtype=np.int64))
     best_s = torch.empty(len(q), 0)
     best_i = torch.empty(len(q), 0, dtype=torch.long)
     for ids, feats in chunks:
-        ids_t = torch.from_numpy(np.asarray(ids, np.int64))
-        s = q @ l2_normalize(torch.from_numpy(np.asarray(feats, np.float32))).T
+        ids_t = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: ids may be a read-only view
+        s = q @ l2_normalize(torch.from_numpy(np.array(feats, dtype=np.float32))).T
         s = s.masked_fill(ids_t[None, :] == qids[:, None], float("-inf"))
         cat_s = torch.cat([best_s, s], 1)
         cat_i = torch.cat([best_i, ids_t.expand(len(q), -1)], 1)

@@ -59,7 +59,7 @@ def new_shard_name() -> str:
 
 
 class ShardWriter:
-    """Writes one new shard of ``n_rows`` rows through memory-mapped temp files.
+    """Writes one new shard (one row per entry of ``item_ids``) through memory-mapped temp files.
 
     Use as a context manager: on a clean exit the files are fsynced and renamed into place
     (``shard`` is then set); on an error they are removed. Rows never written stay zero.
@@ -139,6 +139,8 @@ def commit_index(
 ) -> int:
     """Point the index at the new shard's ``rows`` (``item_id, row, content_hash``), drop rows of
     other weights or of items no longer ok, record provenance; one transaction. Returns rows dropped."""
+    if len(rows) and not shard:
+        raise ValueError("index rows given without the shard that holds them")
     ensure_tables(conn)
     new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, shard=shard or "")[
         ["backbone", "weights_tag", "item_id", "shard", "row", "content_hash"]

@@ -195,6 +195,7 @@ class CommonsClient:
         thumb_width: int = 330,
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
+        transfer_timeout_s: float = 300.0,
         max_retries: int = 5,
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 60.0,
@@ -219,6 +220,8 @@ class CommonsClient:
         self.user_agent = user_agent
         self.thumb_width = thumb_width
         self.timeout = (connect_timeout_s, read_timeout_s)
+        # the read timeout bounds each socket read; this bounds a whole body (a server dripping bytes)
+        self.transfer_timeout_s = transfer_timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -267,7 +270,12 @@ class CommonsClient:
                     return read(resp)
             except _Retry as r:
                 error, wait = r.error, r.wait
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
                 # also a body cut short mid-transfer (urllib3 IncompleteRead / ProtocolError)
                 error, wait = HttpError(f"{type(exc).__name__} for {url}: {exc}", url), None
             if attempt >= self.max_retries:
@@ -284,16 +292,18 @@ class CommonsClient:
             attempt += 1
             self.retries += 1
 
-    @staticmethod
-    def _read_capped(resp: requests.Response, cap: int, url: str, what: str = "response") -> bytes:
+    def _read_capped(self, resp: requests.Response, cap: int, url: str, what: str = "response") -> bytes:
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise TooLargeError(f"{what} declares {declared} bytes, above the limit of {cap} bytes", url)
+        deadline = time.monotonic() + self.transfer_timeout_s
         buf = bytearray()
         for chunk in resp.iter_content(_CHUNK):
             buf += chunk
             if len(buf) > cap:
                 raise TooLargeError(f"{what} exceeded {cap} bytes; download aborted", url)
+            if time.monotonic() > deadline:
+                raise _Retry(HttpError(f"{what} took over {self.transfer_timeout_s:.0f}s; transfer aborted", url))
         return bytes(buf)
 
     # ------------------------------------------------------------------ API

@@ -15,8 +15,10 @@ Plain Python (DuckDB, pandas, Pillow); the Dagster asset is a thin wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
+from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from visrec_pipeline.images.worker import ItemImageRow, thumbnail_bytes_to_store
 
 DEFAULT_CHUNK_SIZE = 200
 DEFAULT_WORKERS = 2
+_MAX_UNDECODED_DOWNLOADS = 8
 
 PoolKind = Literal["thread", "process"]
 
@@ -105,7 +108,8 @@ class CommonsImageFetcher:
         except CommonsError as exc:  # the whole lookup failed: every item of the chunk gets the reason
             reason = f"imageinfo lookup failed: {exc.reason}"
             return [ItemImageRow(i, exc.status.value, reason, source=self.name) for i in ids]
-        out: list[Future | ItemImageRow] = []
+        out: list[Future | _SizedFuture | ItemImageRow] = []
+        inflight: deque[Future] = deque()
         for item_id, title in zip(ids, titles):
             if not (isinstance(title, str) and title.strip()):
                 reason = "no title in item_catalog to look up on Commons"
@@ -125,6 +129,9 @@ class CommonsImageFetcher:
                 continue
             future = pool.submit(thumbnail_bytes_to_store, item_id, data, str(store.root), limits, self.name)
             out.append(_SizedFuture(future, info.width, info.height))
+            inflight.append(future)
+            while len(inflight) > _MAX_UNDECODED_DOWNLOADS:  # bound the downloaded bytes held in memory
+                inflight.popleft().result()
         return out
 
 
@@ -137,7 +144,7 @@ class _SizedFuture:
     def result(self) -> ItemImageRow:
         row: ItemImageRow = self.future.result()
         if self.width and self.height:
-            return ItemImageRow(**{**row.__dict__, "orig_width": self.width, "orig_height": self.height})
+            return dataclasses.replace(row, orig_width=self.width, orig_height=self.height)
         return row
 
 
@@ -155,7 +162,7 @@ def pending_items(
     retry_failed: bool = False,
     folder: FolderImageSource | None = None,
 ) -> pd.DataFrame:
-    """``item_id, title, reason_to_process`` of the items this run should (re)process, by item_id."""
+    """``item_id, title, why`` of the items this run should (re)process, in item_id order."""
     df = conn.execute(db.sql("images_pending")).df()
     if df.empty:
         return pd.DataFrame({"item_id": pd.Series(dtype="int64"), "title": pd.Series(dtype="object"), "why": []})
@@ -253,6 +260,8 @@ def sync_item_images(
     if chunk_size <= 0 or workers <= 0:
         raise ValueError("chunk_size and workers must be positive")
     with connect() as conn:
+        if not db.table_exists(conn, "item_catalog"):
+            raise RuntimeError("table item_catalog does not exist: materialize the item_catalog asset first")
         ensure_table(conn)
         folder = source if isinstance(source, FolderImageSource) else None
         todo = pending_items(conn, workspace_root, retry_failed=retry_failed, folder=folder)

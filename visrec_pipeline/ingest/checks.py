@@ -34,8 +34,7 @@ CHECKS = (
     CheckDef(
         "split",
         "train_and_holdout_equal_interactions",
-        "split_train plus every predict list is exactly interactions, and each profile is that user's "
-        "training items.",
+        "split_train plus every predict list is exactly interactions, and each profile is that user's training items.",
     ),
     CheckDef(
         "split",

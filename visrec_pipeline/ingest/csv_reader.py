@@ -1,10 +1,11 @@
 """Read a CSV file into string columns, remembering the line each record starts on.
 
-Well-formed files without quote characters take the fast path (pyarrow's
+Well-formed files with one record per line take the fast path (pyarrow's
 multi-threaded reader, line numbers computed with numpy from the newline
-positions). Anything else (quotes, a row with the wrong number of fields, a
-lone carriage return) is read by Python's ``csv`` module, which tracks
-physical lines exactly, so every problem names the line a text editor shows.
+positions). Anything else (a quoted value spanning lines, a row with the
+wrong number of fields, a lone carriage return) is read by Python's ``csv``
+module, which tracks physical lines exactly, so every problem names the line
+a text editor shows.
 Values stay strings here; ``values.py`` parses them column-wise.
 """
 
@@ -97,7 +98,8 @@ def _nonempty_lines(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _fast_path_possible(data: bytes) -> bool:
-    return b'"' not in data and data.count(b"\r") == data.count(b"\r\n")
+    """Lines end in \\n or \\r\\n (a lone \\r, which CSV readers also split on, would shift line numbers)."""
+    return data.count(b"\r") == data.count(b"\r\n")
 
 
 def _read_fast(file: str, data: bytes, required, optional) -> CsvColumns | None:
@@ -105,9 +107,9 @@ def _read_fast(file: str, data: bytes, required, optional) -> CsvColumns | None:
     line_numbers, starts, ends = _nonempty_lines(data)
     if line_numbers.size == 0:
         return None
-    # the header is the first non-empty line; the file has no quotes, so a plain split is exact
+    # the header is the first non-empty line (a header spanning lines fails the record count below)
     header_line = int(line_numbers[0])
-    header = _decode(file, data[starts[0] : ends[0]]).split(",")
+    header = next(csv.reader([_decode(file, data[starts[0] : ends[0]])]), [])
     names = _check_header(file, header, header_line, required, optional)
     if len(set(names)) != len(names):
         return None
@@ -122,7 +124,7 @@ def _read_fast(file: str, data: bytes, required, optional) -> CsvColumns | None:
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, use_threads=True),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names},
                 include_columns=wanted,
@@ -132,7 +134,9 @@ def _read_fast(file: str, data: bytes, required, optional) -> CsvColumns | None:
         )
     except (pa.ArrowInvalid, UnicodeDecodeError):
         return None
-    # column_names given explicitly, so the header comes back as the first record
+    # column_names given explicitly, so the header comes back as the first record. A quoted
+    # value spanning lines makes fewer records than non-empty lines (nothing makes more
+    # without also making an invalid row), so equal counts mean record k is on line k.
     if invalid or table.num_rows != line_numbers.size:
         return None
     table = table.slice(1)
@@ -223,9 +227,8 @@ def read_csv_columns(
     path = Path(path)
     file = file or path.name
     data = path.read_bytes()
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    if not data.strip():
+    data = data.removeprefix(_BOM)
+    if not data or data.isspace():
         raise _empty(file, required, optional)
     if _fast_path_possible(data):
         fast = _read_fast(file, data, required, optional)

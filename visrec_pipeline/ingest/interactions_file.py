@@ -130,9 +130,7 @@ def read_interactions(path: str | Path, *, file: str | None = None, quarantine: 
     file = file or path.name
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise InputFileError(
-            [Problem(file, None, None, None, "unknown format", "is neither .csv nor .parquet")]
-        )
+        raise InputFileError([Problem(file, None, None, None, "unknown format", "is neither .csv nor .parquet")])
     problems: list[Problem] = []
     if suffix == ".csv":
         cols = read_csv_columns(path, file=file, required=REQUIRED_COLUMNS, optional=OPTIONAL_COLUMNS)

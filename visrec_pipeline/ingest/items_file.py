@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visrec_pipeline.ingest.csv_reader import read_csv_columns
-from visrec_pipeline.ingest.errors import InputFileError, Problem  # noqa: F401 (raised here)
+from visrec_pipeline.ingest.errors import InputFileError, Problem
 from visrec_pipeline.ingest.values import parse_ids
 
 ITEMS_FILE_NAME = "items.csv"
@@ -83,4 +83,3 @@ def read_dataset_items(dataset_dir: str | Path) -> pa.Table | None:
     """``items.csv`` of a dataset folder, or None when the folder has none."""
     path = Path(dataset_dir) / ITEMS_FILE_NAME
     return read_items(path) if path.is_file() else None
-

@@ -7,7 +7,8 @@ parameters it uses.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import duckdb
 
@@ -17,6 +18,7 @@ from visrec_pipeline import db
 def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None):
     """Execute every statement of ``sql/<name>.sql``; returns the connection after the last one."""
     params = dict(params or {})
+    conn.execute("SET enable_progress_bar = false")  # no terminal bars in step logs
     result = conn
     for statement in duckdb.extract_statements(db.sql(name)):
         wanted = statement.named_parameters

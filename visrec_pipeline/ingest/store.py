@@ -37,10 +37,7 @@ def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
 
 def _rejects_table(batch: InteractionBatch) -> pa.Table:
     return pa.Table.from_pylist(
-        [
-            {"line": p.position, "column_name": p.column, "value": p.value, "reason": p.message}
-            for p in batch.rejects
-        ],
+        [{"line": p.position, "column_name": p.column, "value": p.value, "reason": p.message} for p in batch.rejects],
         schema=REJECTS_SCHEMA,
     )
 

@@ -120,11 +120,32 @@ def _digits_to_int64(digits: pa.Array, ok: np.ndarray) -> np.ndarray:
     return np.asarray(safe.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def _plain_integers(s: pa.Array) -> np.ndarray | None:
+    """Values of trimmed text when every entry is a plain decimal integer (the common case), else None.
+
+    Arrow's cast alone would also accept hexadecimal ("0x1F"), hence the digit check.
+    """
+    if len(s) == 0 or s.null_count:
+        return None
+    try:
+        values = pc.cast(s, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if not pc.all(pc.ascii_is_decimal(pc.utf8_ltrim(s, characters="-"))).as_py():
+        return None
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
 def _parse_integer_text(s: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(values, is_empty, is_integer, is_negative, too_large) of trimmed text, sign allowed."""
+    n = len(s)
+    plain = _plain_integers(s)
+    if plain is not None:
+        none = np.zeros(n, bool)
+        return plain, none, ~none, plain < 0, none
     empty = _np(pc.or_kleene(pc.is_null(s), pc.equal(pc.utf8_length(s), 0)))
     is_int = _np(pc.match_substring_regex(s, r"^[+-]?[0-9]+$"))
-    negative = is_int & _np(pc.starts_with(s, "-"))
+    minus = _np(pc.starts_with(s, "-"))
     unsigned = pc.replace_substring_regex(s, r"^[+-]", "")
     digits = pc.replace_substring_regex(unsigned, r"^0+([0-9])", r"\1")
     length = np.asarray(pc.fill_null(pc.utf8_length(digits), 0).to_numpy(zero_copy_only=False))
@@ -132,8 +153,8 @@ def _parse_integer_text(s: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
     too_large = is_int & ((length > 19) | ((length == 19) & longest))
     ok = is_int & ~too_large
     values = _digits_to_int64(digits, ok)
-    values = np.where(negative, -values, values)
-    return values, empty, is_int, negative, too_large
+    values = np.where(minus, -values, values)
+    return values, empty, is_int, is_int & (values < 0), too_large
 
 
 def _parse_numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -151,7 +172,9 @@ def _parse_numeric(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         return values, null, not_whole, negative, too_large
     null = _np(pc.is_null(arr))
     if pa.types.is_unsigned_integer(t):
-        too_large = _np(pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64()))) if t.bit_width == 64 else np.zeros(len(arr), bool)
+        too_large = (
+            _np(pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64()))) if t.bit_width == 64 else np.zeros(len(arr), bool)
+        )
         negative = np.zeros(len(arr), bool)
         safe = pc.if_else(pa.array(~too_large), arr, pa.scalar(0, t))
     else:

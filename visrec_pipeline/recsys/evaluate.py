@@ -31,7 +31,6 @@ ScoreFn = Callable[[ScoreBatch], torch.Tensor]
 
 COLD_PREFIX = "cold:"
 WARM_PREFIX = "warm:"
-_ID_COLUMNS = ("row", "user_id", "profile_size", "n_relevant", "n_candidates")
 
 
 def holdout_batches(
@@ -215,7 +214,8 @@ def evaluate(
         ):
             scores = _scores_for(score_fn, batch, n_items, device, idx, holdout)
             dev = scores.device
-            # the full profile is excluded, whatever the model was shown
+            # the full profile is excluded, whatever the model was shown (and even if it
+            # modified the batch tensors)
             prof_items, prof_mask = holdout.profile.padded(idx, device=dev)
             rel_items, rel_mask = holdout.predict.padded(idx, device=dev)
             out = rank_metrics(
@@ -239,8 +239,7 @@ def evaluate(
     n_cold_rows = None
     if cold_mask is not None:
         sub = holdout.predict.take_rows(rows)
-        has_cold = np.zeros(rows.size, bool)
-        np.logical_or.at(has_cold, sub.row_ids(), cold_mask[sub.indices])
+        has_cold = np.bincount(sub.row_ids(), weights=cold_mask[sub.indices], minlength=rows.size) > 0
         per_row["has_cold"] = has_cold
         n_cold_rows = int(has_cold.sum())
         for prefix, group in ((COLD_PREFIX, has_cold), (WARM_PREFIX, ~has_cold)):
@@ -320,8 +319,14 @@ def _top_k_batch(
     kth = torch.topk(masked, kk, dim=1, sorted=True).values[:, -1:]
     above = candidate & (masked > kth)
     tied = candidate & (masked == kth)
-    need = kk - above.sum(1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(1) <= need))  # min(k, candidates) items per row
+    need = kk - above.sum(1)
+    # the `need` lowest-index tied items of each row (memory grows with the ties, not the catalogue)
+    t_rows, t_cols = tied.nonzero(as_tuple=True)
+    t_counts = tied.sum(1)
+    t_rank = torch.arange(t_rows.numel(), device=dev) - torch.repeat_interleave(t_counts.cumsum(0) - t_counts, t_counts)
+    take = t_rank < need[t_rows]
+    chosen = above
+    chosen[t_rows[take], t_cols[take]] = True  # now min(k, candidates) items per row
     rows, cols = chosen.nonzero(as_tuple=True)  # row-major: index ascending within a row
     counts = chosen.sum(1)
     slot = torch.arange(rows.numel(), device=dev) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)

@@ -340,6 +340,10 @@ def build_guided_triples(
     for name, arr in (("creators", creators), ("clusters", clusters), ("feature_mask", feature_mask)):
         if arr is not None and np.asarray(arr).shape != (n_items,):
             raise ValueError(f"{name} must have shape ({n_items},), got {np.asarray(arr).shape}")
+    usable = np.ones(n_items, bool) if feature_mask is None else np.asarray(feature_mask, bool)
+    bad = np.flatnonzero(usable & ~np.isfinite(features).all(1))
+    if bad.size:
+        raise ValueError(f"non-finite feature values for item indices {bad[:5].tolist()} (first 5)")
     rng = np.random.default_rng(cfg.seed)
     fhat = normalized_features(features, feature_mask)
     artist = artist_ids(n_items, creators, clusters)
@@ -356,9 +360,10 @@ def build_guided_triples(
 
     def in_profile(users: np.ndarray, items: np.ndarray) -> np.ndarray:
         keys = users * n_items + items
-        pos = np.searchsorted(member_keys, keys)
-        pos = np.minimum(pos, max(member_keys.size - 1, 0))
-        return (member_keys.size > 0) & (member_keys[pos] == keys) if member_keys.size else np.zeros(keys.shape, bool)
+        if member_keys.size == 0:
+            return np.zeros(keys.shape, bool)
+        at = np.minimum(np.searchsorted(member_keys, keys), member_keys.size - 1)
+        return member_keys[at] == keys
 
     table = _ProfileTable()
     q_prof, q_user, q_pos, q_guide = [], [], [], []
@@ -541,25 +546,41 @@ def profile_batch(profiles: CSR, profile_ids: np.ndarray, device=None) -> dict[s
 class GuidedTripleBatches:
     """Shuffled mini-batches of guided triples; ``epoch(e)`` is deterministic in ``(seed, e)``.
 
+    With ``group_by_profile`` (default) the triples of one profile sit next to each other in a
+    shuffled order of profiles (and in random order inside), so a batch carries ~10x fewer
+    distinct profiles to pool: the profile pooling, not the towers, dominates CPU time otherwise.
+
     Each batch: ``profile_items`` long [nnz], ``profile_offsets`` long [n_profiles + 1],
     ``triple_profile`` long [b] (row of the batch's profile table), ``pos``, ``neg`` long [b],
     ``guideline`` long [b].
     """
 
-    def __init__(self, triples: GuidedTriples, *, batch_size: int, seed: int = 0, device=None):
+    def __init__(
+        self, triples: GuidedTriples, *, batch_size: int, seed: int = 0, device=None, group_by_profile: bool = True
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.triples = triples
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.device = device
+        self.group_by_profile = bool(group_by_profile)
 
     def __len__(self) -> int:
         return -(-len(self.triples) // self.batch_size)
 
+    def order(self, e: int) -> np.ndarray:
+        """The order of the triples in epoch ``e``."""
+        t = self.triples
+        rng = np.random.default_rng([self.seed, int(e)])
+        if not self.group_by_profile:
+            return rng.permutation(len(t))
+        profile_rank = rng.permutation(t.profiles.n_rows)
+        return np.lexsort((rng.random(len(t)), profile_rank[t.profile_id]))
+
     def epoch(self, e: int) -> Iterator[dict[str, torch.Tensor]]:
         t = self.triples
-        perm = np.random.default_rng([self.seed, int(e)]).permutation(len(t))
+        perm = self.order(e)
         for s in range(0, perm.size, self.batch_size):
             idx = perm[s : s + self.batch_size]
             batch = profile_batch(t.profiles, t.profile_id[idx], self.device)
@@ -567,3 +588,5 @@ class GuidedTripleBatches:
             batch["neg"] = torch.as_tensor(t.neg[idx], device=self.device)
             batch["guideline"] = torch.as_tensor(t.guideline[idx].astype(np.int64), device=self.device)
             yield batch
+
+    __call__ = epoch

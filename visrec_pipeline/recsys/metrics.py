@@ -7,7 +7,9 @@ score descending with ties broken by item index ascending. The 0-based rank of a
     rank(i) = #{candidates j : s_j > s_i} + #{candidates j : s_j == s_i and j < i}
 
 and it is computed by comparing ``s_i`` with the whole score row in item chunks, never by sorting
-the row. Memory per step is ``b x slots x chunk`` booleans, whatever the catalogue size.
+the row. Memory per step is ``b x slots x chunk`` booleans, whatever the catalogue size. On a CPU
+that main pass runs in numpy (several times faster than torch on column slices), elsewhere in
+torch; the results are identical.
 
 How the tie rule is evaluated in one comparison per element: for a chunk that lies wholly
 *before* item ``i`` (all ``j < i``) "above" means ``s_j >= s_i``, which for floats is
@@ -35,7 +37,7 @@ PROTOCOLS: tuple[str, ...] = ("standard", "tutorial")
 # b x slots x chunk elements per comparison step: ~1 MiB of booleans stays in cache on a CPU;
 # a GPU wants bigger steps to amortise kernel launches.
 _CPU_STEP_ELEMENTS = 1 << 19
-_GPU_STEP_ELEMENTS = 1 << 26
+_GPU_STEP_ELEMENTS = 1 << 24
 _MIN_CHUNK = 256
 _SWAR_MAX = 8 * 255  # longest run that _count adds 8 flags at a time
 _PREFERRED_CHUNK = _SWAR_MAX
@@ -86,19 +88,102 @@ def _step_elements(device: torch.device) -> int:
     return _GPU_STEP_ELEMENTS if device.type != "cpu" else _CPU_STEP_ELEMENTS
 
 
-def _count(flags: torch.Tensor) -> torch.Tensor:
-    """Number of Trues along the last dim, as int32.
+def _denormals_compare_exactly(device: torch.device | None = None) -> bool:
+    """False when comparisons flush denormal inputs to zero (DAZ, set process-wide on a CPU by
+    some fast-math builds): then ``x > nextafter(0, -inf)`` is ``x > 0`` and the ">= 0" threshold
+    needs the smallest normal instead (denormal scores then read as 0 everywhere anyway).
+    ``device=None`` checks numpy, else torch on that device."""
+    if device is None:
+        zero = np.zeros(16, np.float32)
+        return bool(np.greater(zero, np.nextafter(zero, np.float32(-1))).all())
+    zero = torch.zeros(16, dtype=torch.float32, device=device)
+    return bool((zero > torch.nextafter(zero, torch.full_like(zero, -1.0))).all())
 
-    On a CPU a run of at most 2040 flags is counted 8 at a time: the bools are read as int64
-    words (one flag per byte) and summed; each byte lane then holds at most 255, so no carry
-    crosses lanes, and the 8 lanes are added at the end. That makes the count ~8x cheaper than
-    the comparison that produced the flags; elsewhere the bytes are summed directly.
+
+def _ge_threshold(s, xp):
+    """``t`` with ``x > t  <=>  x >= s`` for every score ``x`` (``s`` finite or +inf; numpy or torch)."""
+    if xp is np:
+        t = np.nextafter(s, s.dtype.type(-np.inf))
+        tiny, exact = np.finfo(s.dtype).tiny, _denormals_compare_exactly()
+    else:
+        t = torch.nextafter(s, torch.tensor(-math.inf, dtype=s.dtype, device=s.device))
+        tiny, exact = torch.finfo(s.dtype).tiny, _denormals_compare_exactly(s.device)
+    if not exact:
+        t = xp.where((t < 0) & (t > -tiny), xp.full_like(t, -tiny), t)
+    return t
+
+
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """Number of Trues along the last dim (torch), as int32."""
+    return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
+
+
+def _count_np(flags: np.ndarray) -> np.ndarray:
+    """Number of Trues along the last dim (numpy), as int64.
+
+    A run of at most 2040 flags is counted 8 at a time: the bools are read as int64 words (one
+    flag per byte) and summed; each byte lane then holds at most 255, so no carry crosses lanes
+    (wrap-around of the signed word is harmless), and the 8 lanes are added at the end. That makes
+    the count several times cheaper than the comparison that produced the flags.
     """
     n = flags.shape[-1]
-    if flags.device.type == "cpu" and n % 8 == 0 and 0 < n <= _SWAR_MAX and flags.is_contiguous():
-        lanes = flags.view(torch.int64).sum(-1)
-        return lanes.unsqueeze(-1).view(torch.uint8).sum(-1, dtype=torch.int32)
-    return flags.view(torch.uint8).sum(-1, dtype=torch.int32)
+    if n % 8 == 0 and 0 < n <= _SWAR_MAX and flags.strides[-1] == 1 and flags.flags.c_contiguous:
+        lanes = flags.view(np.int64).sum(-1, dtype=np.int64)
+        return lanes[..., None].view(np.uint8).sum(-1, dtype=np.int64)
+    return flags.sum(-1, dtype=np.int64)
+
+
+def _above_numpy(S: np.ndarray, items: np.ndarray, s: np.ndarray, chunk: int) -> np.ndarray:
+    """CPU main pass: ``#{j : s_j > s_i} + #{j < i : s_j == s_i}`` for ``[rows, g]`` relevant
+    items over the rows ``S`` ``[rows, n_items]``. numpy, not torch: torch's comparison of a
+    column slice of a row-major matrix runs several times slower than numpy's here."""
+    rows, n_items = S.shape
+    g = items.shape[1]
+    s_prev = _ge_threshold(s, np)  # s_j >= s  <=>  s_j > s_prev  (finite s or +inf)
+    s_is_neg_inf = s == -np.inf  # s_j >= -inf holds for every j
+    count = np.zeros((rows, g), np.int64)
+    flags = np.empty((rows, g, chunk), bool)
+    for c0 in range(0, n_items, chunk):
+        c1 = min(c0 + chunk, n_items)
+        before = items >= c1  # the whole chunk precedes the relevant item
+        threshold = np.where(before, s_prev, s)
+        out = flags if c1 - c0 == chunk else np.empty((rows, g, c1 - c0), bool)
+        np.greater(S[:, None, c0:c1], threshold[:, :, None], out=out)
+        count += np.where(before & s_is_neg_inf, c1 - c0, _count_np(out))
+    # ties preceding the item inside its own chunk (counted with ">" above): a window of one chunk
+    start = items // chunk * chunk
+    w0 = np.minimum(start, n_items - chunk)  # the last chunk may be short: window ends at n_items
+    windows = np.lib.stride_tricks.sliding_window_view(S, chunk, axis=1)
+    window = windows[np.arange(rows)[:, None], w0]  # [rows, g, chunk], contiguous copies
+    tied = window == s[..., None]
+    if (_count_np(tied) > 1).any():  # some item ties with another one in its window
+        offset = np.arange(chunk, dtype=np.int16)  # chunk <= 2040 here, or small
+        tied &= offset < (items - w0).astype(np.int16)[..., None]
+        if (start != w0).any():
+            tied &= offset >= (start - w0).astype(np.int16)[..., None]
+        count += _count_np(tied)
+    return count
+
+
+def _above_torch(S: torch.Tensor, items: torch.Tensor, s: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The same main pass in torch (GPU, or any device): see :func:`_above_numpy`."""
+    rows, n_items = S.shape
+    s_prev = _ge_threshold(s, torch)
+    s_is_neg_inf = s == -math.inf
+    count = torch.zeros(items.shape, dtype=torch.long, device=S.device)
+    for c0 in range(0, n_items, chunk):
+        c1 = min(c0 + chunk, n_items)
+        before = items >= c1
+        threshold = torch.where(before, s_prev, s)
+        above = _count(S[:, None, c0:c1] > threshold.unsqueeze(2))
+        count += torch.where(before & s_is_neg_inf, c1 - c0, above)
+    start = items // chunk * chunk
+    w0 = start.clamp(max=n_items - chunk)
+    window = S.unfold(1, chunk, 1)[torch.arange(rows, device=S.device).unsqueeze(1), w0]  # [rows, g, chunk]
+    offset = torch.arange(chunk, device=S.device)
+    in_window = (offset >= (start - w0).unsqueeze(2)) & (offset < (items - w0).unsqueeze(2))
+    count += _count((window == s.unsqueeze(2)) & in_window)
+    return count
 
 
 def relevant_ranks(
@@ -109,6 +194,7 @@ def relevant_ranks(
     excluded_mask: torch.Tensor,
     *,
     item_chunk: int = 32768,
+    backend: Literal["auto", "numpy", "torch"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based candidate ranks of the relevant items and the candidate count of every row.
 
@@ -116,9 +202,10 @@ def relevant_ranks(
     (padding slots are ignored; entries of a row must be distinct); ``excluded`` ``[b, L]`` with
     ``excluded_mask``: the profile. An excluded item that is also relevant stays a candidate
     (items to predict are never removed). Returns ``(ranks [b, r] int64, n_candidates [b] int64)``;
-    ranks of padding slots are meaningless.
+    ranks of padding slots are meaningless. ``backend``: the main pass runs in numpy for CPU
+    scores (``auto``), in torch otherwise; both give identical ranks.
     """
-    scores = _rankable(scores)
+    scores = _rankable(scores.detach())
     b, n_items = scores.shape
     device = scores.device
     relevant = relevant.to(device=device, dtype=torch.long)
@@ -130,11 +217,20 @@ def relevant_ranks(
         raise ValueError(f"batch sizes differ: scores {b}, relevant {relevant.shape[0]}, excluded {excluded.shape[0]}")
     if item_chunk < 1:
         raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    use_numpy = device.type == "cpu" and backend != "torch"
+    if backend == "numpy" and device.type != "cpu":
+        raise ValueError("backend='numpy' needs scores on the CPU")
 
     # an excluded item that is also relevant is kept as a candidate
     if excluded.shape[1] and r:
         row = torch.arange(b, device=device).unsqueeze(1) * n_items
-        excluded_mask = excluded_mask & ~torch.isin(excluded + row, (relevant + row)[relevant_mask])
+        rel_keys = torch.sort((relevant + row)[relevant_mask]).values
+        if rel_keys.numel():
+            ex_keys = excluded + row
+            at = torch.searchsorted(rel_keys, ex_keys).clamp_(max=rel_keys.numel() - 1)
+            excluded_mask = excluded_mask & (rel_keys[at] != ex_keys)
     n_candidates = n_items - excluded_mask.sum(1)
     ranks = torch.zeros((b, r), dtype=torch.long, device=device)
     if b == 0 or r == 0 or n_items == 0:
@@ -143,7 +239,7 @@ def relevant_ranks(
     budget = _step_elements(device)
     # slots per step: one on a CPU with a full batch (long contiguous chunks), more when rows are few
     slot_group = max(1, min(r, budget // max(1, b * _PREFERRED_CHUNK)))
-    neg_inf = torch.tensor(-math.inf, dtype=scores.dtype, device=device)
+    scores_np = scores.contiguous().numpy() if use_numpy else None
     # padding slots point at item 0: harmless, their counts are ignored
     rel_items = torch.where(relevant_mask, relevant, torch.zeros_like(relevant))
     rel_scores = scores.gather(1, rel_items)
@@ -163,26 +259,14 @@ def relevant_ranks(
         lo, hi = min(first_row[t] for t in live), max(last_row[t] for t in live) + 1
         rows = hi - lo
         chunk = max(1, min(item_chunk, n_items, max(_MIN_CHUNK, budget // (rows * (g1 - g0)))))
-        if device.type == "cpu" and chunk >= 8:
-            chunk = min(chunk, _SWAR_MAX) // 8 * 8  # a multiple of 8 for _count's fast path
-        S = scores[lo:hi]
         items = rel_items[lo:hi, g0:g1]  # [rows, g]
         s = rel_scores[lo:hi, g0:g1]
-        s_prev = torch.nextafter(s, neg_inf)  # s_j >= s  <=>  s_j > s_prev  (finite s or +inf)
-        s_is_neg_inf = s == -math.inf  # s_j >= -inf holds for every j
-        count = torch.zeros_like(items)
-        for c0 in range(0, n_items, chunk):
-            c1 = min(c0 + chunk, n_items)
-            before = items >= c1  # the whole chunk precedes the relevant item
-            threshold = torch.where(before, s_prev, s)
-            above = _count(S[:, None, c0:c1] > threshold.unsqueeze(2))
-            count += torch.where(before & s_is_neg_inf, c1 - c0, above)
-        # ties preceding the item inside its own chunk (counted with ">" above)
-        start = (items // chunk) * chunk
-        pos = start.unsqueeze(2) + torch.arange(chunk, device=device)  # [rows, g, chunk]
-        in_window = pos < items.unsqueeze(2)
-        window = S.gather(1, pos.clamp_(max=n_items - 1).reshape(rows, -1)).reshape(pos.shape)
-        count += _count((window == s.unsqueeze(2)) & in_window)
+        if use_numpy:
+            if chunk >= 8:
+                chunk = min(chunk, _SWAR_MAX) // 8 * 8  # a multiple of 8 for _count_np's fast path
+            count = torch.from_numpy(_above_numpy(scores_np[lo:hi], items.numpy(), s.numpy(), chunk))
+        else:
+            count = _above_torch(scores[lo:hi], items, s, chunk)
         # remove excluded (profile) items ranked above, by the same rule
         if excluded.shape[1]:
             step = max(1, budget // (rows * (g1 - g0)))
@@ -272,13 +356,14 @@ def rank_metrics(
     ks: Sequence[int] = (20, 100),
     protocol: Protocol = "standard",
     item_chunk: int = 32768,
+    backend: Literal["auto", "numpy", "torch"] = "auto",
 ) -> dict[str, torch.Tensor]:
     """Per-row metrics of one batch: ``relevant_ranks`` then ``metrics_from_ranks``.
 
     Also returns ``n_candidates`` (int64 ``[b]``). Arguments as in :func:`relevant_ranks`.
     """
     ranks, n_candidates = relevant_ranks(
-        scores, relevant, relevant_mask, excluded, excluded_mask, item_chunk=item_chunk
+        scores, relevant, relevant_mask, excluded, excluded_mask, item_chunk=item_chunk, backend=backend
     )
     out = metrics_from_ranks(
         ranks, relevant_mask.to(ranks.device), n_candidates, scores.shape[1], ks=ks, protocol=protocol

@@ -73,6 +73,12 @@ class RandomTripleSampler:
         # sorted (user, item) keys, for membership checks in tests and callers
         self.keys = torch.as_tensor(rows * self.n_items + train.indices, dtype=torch.long)
 
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Bool mask: is ``(users[k], items[k])`` a training interaction? (sorted-key search)"""
+        keys = users.cpu().long() * self.n_items + items.cpu().long()
+        pos = torch.searchsorted(self.keys, keys).clamp(max=max(self.keys.numel() - 1, 0))
+        return (self.keys[pos] == keys) if self.keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+
     def __len__(self) -> int:
         """Batches per epoch."""
         return -(-self.triples_per_epoch // self.batch_size)

@@ -11,6 +11,7 @@ validation holdout (carved from training rows, never the test holdout) into the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -73,6 +74,40 @@ def _default_loss(module: torch.nn.Module, batch: dict) -> torch.Tensor:
     return module.loss(batch)
 
 
+class OptimizerGroup:
+    """Several optimisers stepped together (e.g. Adam for dense weights, SparseAdam for sparse embeddings)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
+def default_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | OptimizerGroup:
+    """Adam over the trainable parameters. Embeddings built with ``sparse=True`` get SparseAdam instead
+    ("lazy" Adam: only the rows of a batch move), so a step costs the rows it touches, not the whole
+    table; their L2 belongs in the loss, as SparseAdam has no weight decay."""
+    sparse_ids = {
+        id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
+    }
+    dense = [p for p in module.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    sparse = [p for p in module.parameters() if p.requires_grad and id(p) in sparse_ids]
+    if not sparse:
+        return torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.weight_decay:
+        raise ValueError("weight_decay is not supported with sparse embeddings: put the L2 term in the loss")
+    opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=cfg.lr)]
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=cfg.lr))
+    return OptimizerGroup(opts)
+
+
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -84,7 +119,7 @@ def fit_triples(
     *,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
     validate: Callable[[], float] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | OptimizerGroup | None = None,
     log: logging.Logger | None = None,
 ) -> TrainHistory:
     """Train ``module`` in place; returns loss per epoch, validation AUC per validation and the best epoch.
@@ -102,8 +137,8 @@ def fit_triples(
     device = resolve_device(cfg.device)
     module.to(device)
     if optimizer is None:
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = default_optimizer(module, cfg)
+    steppers = optimizer.optimizers if isinstance(optimizer, OptimizerGroup) else [optimizer]
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -119,9 +154,7 @@ def fit_triples(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per batch
         n_seen = 0
-        for b, batch in enumerate(batches(epoch)):
-            if cfg.max_batches_per_epoch is not None and b >= cfg.max_batches_per_epoch:
-                break
+        for batch in itertools.islice(batches(epoch), cfg.max_batches_per_epoch):
             n = _batch_len(batch)
             optimizer.zero_grad(set_to_none=True)
             autocast = (
@@ -131,7 +164,8 @@ def fit_triples(
                 loss = loss_fn(module, batch)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.step(optimizer)
+                for opt in steppers:
+                    scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()

@@ -54,9 +54,9 @@ class BPRMFModule(nn.Module):
     def __init__(self, n_users: int, n_items: int, factors: int, reg: float, init_std: float):
         super().__init__()
         self.reg = reg
-        self.gamma_user = nn.Embedding(n_users, factors)
-        self.gamma_item = nn.Embedding(n_items, factors)
-        self.beta_item = nn.Embedding(n_items, 1)
+        self.gamma_user = nn.Embedding(n_users, factors, sparse=True)
+        self.gamma_item = nn.Embedding(n_items, factors, sparse=True)
+        self.beta_item = nn.Embedding(n_items, 1, sparse=True)
         nn.init.normal_(self.gamma_user.weight, std=init_std)
         nn.init.normal_(self.gamma_item.weight, std=init_std)
         nn.init.zeros_(self.beta_item.weight)

@@ -58,6 +58,7 @@ class CuratorNetConfig:
     item_dims: tuple[int, ...] = (200, 200)
     profile_dims: tuple[int, ...] = (300, 300, 200)
     mask_positive_in_profile: bool = True  # random sampler only (see the module docstring)
+    # sampler settings used only when no precomputed triples come in FitInputs.extra['triples_guided']
     guided: GuidedSamplerConfig = field(default_factory=GuidedSamplerConfig)
     score_batch_users: int = 1024
 
@@ -113,15 +114,40 @@ class CuratorNetModule(nn.Module):
     def pool_flat(h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``[max ; mean]`` of the rows of ``h`` per segment (CSR ``offsets``); empty segments give 0.
 
-        ``segment_reduce`` over the contiguous segments is ~3x faster than ``scatter_reduce`` on CPU.
+        ``segment_reduce`` over contiguous segments is ~3x faster than ``scatter_reduce`` on CPU.
         """
-        h = h.float()
         lengths = offsets[1:] - offsets[:-1]
         empty = (lengths == 0).unsqueeze(1)
         mx = torch.segment_reduce(h, "max", lengths=lengths, unsafe=True)
         mx = torch.where(empty, torch.zeros((), dtype=h.dtype, device=h.device), mx)
+        mean = torch.segment_reduce(h, "sum", lengths=lengths, unsafe=True) / lengths.clamp(min=1).unsqueeze(1)
+        return torch.cat([mx, mean], 1)
+
+    @staticmethod
+    def pool_flat_without(
+        h: torch.Tensor, offsets: torch.Tensor, triple_profile: torch.Tensor, drop: torch.Tensor, h_drop: torch.Tensor
+    ) -> torch.Tensor:
+        """Per triple, ``[max ; mean]`` of its profile without one member (where ``drop``), exactly.
+
+        Each distinct profile is pooled once; the max without a member comes from the top-2 per
+        dimension (a tie at the top keeps the max), the mean from the sum minus the member.
+        """
+        lengths = offsets[1:] - offsets[:-1]
+        seg = torch.repeat_interleave(torch.arange(lengths.shape[0], device=h.device), lengths)
+        neg_inf = torch.tensor(float("-inf"), dtype=h.dtype, device=h.device)
+        top1 = torch.segment_reduce(h, "max", lengths=lengths, unsafe=True)
+        at_top = h == top1[seg]
+        n_top = torch.segment_reduce(at_top.to(h.dtype), "sum", lengths=lengths, unsafe=True)
+        top2 = torch.segment_reduce(torch.where(at_top, neg_inf, h), "max", lengths=lengths, unsafe=True)
+        top2 = torch.where(n_top >= 2, top1, top2)
         total = torch.segment_reduce(h, "sum", lengths=lengths, unsafe=True)
-        mean = total / lengths.clamp(min=1).unsqueeze(1).to(h.dtype)
+        t1, t2 = top1[triple_profile], top2[triple_profile]
+        d = drop.unsqueeze(1)
+        mx = torch.where(d & (h_drop == t1), t2, t1)
+        n = lengths[triple_profile] - drop.long()
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        mean = (total[triple_profile] - torch.where(d, h_drop, zero)) / n.clamp(min=1).unsqueeze(1)
+        mx = torch.where((n == 0).unsqueeze(1), zero, mx)
         return torch.cat([mx, mean], 1)
 
     @staticmethod
@@ -135,20 +161,36 @@ class CuratorNetModule(nn.Module):
         return torch.cat([mx, mean], 1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        items, offsets = batch["profile_items"], batch["profile_offsets"]
+        """Batch: ``profile_items``/``profile_offsets`` (the batch's distinct profiles, items sorted
+        within each), ``triple_profile``, ``pos``, ``neg``; optional ``drop_positive`` (bool [b]):
+        leave the positive out of its triple's profile where it is a member."""
+        items, offsets, tp = batch["profile_items"], batch["profile_offsets"], batch["triple_profile"]
         pos, neg = batch["pos"], batch["neg"]
         nnz, b = items.shape[0], pos.shape[0]
-        # every distinct item of the batch goes through the item tower once
+        # every distinct item of the batch goes through the item tower once; pooling in float32
         uniq, inv = torch.unique(torch.cat([items, pos, neg]), return_inverse=True)
-        h = self.item_tower(self.features[uniq])
-        profiles = self.profile_tower(self.pool_flat(h[inv[:nnz]], offsets))[batch["triple_profile"]]
-        x_uij = (profiles * (h[inv[nnz : nnz + b]] - h[inv[nnz + b :]])).sum(1)
-        return F.binary_cross_entropy_with_logits(x_uij.float(), torch.ones_like(x_uij, dtype=torch.float32))
+        h = self.item_tower(self.features[uniq]).float()
+        h_prof, h_pos, h_neg = h[inv[:nnz]], h[inv[nnz : nnz + b]], h[inv[nnz + b :]]
+        drop = batch.get("drop_positive")
+        if drop is None:
+            pooled = self.pool_flat(h_prof, offsets)[tp]
+        else:
+            # is the positive a member of its profile? (items are sorted within each profile)
+            n = self.features.shape[0]
+            lengths = offsets[1:] - offsets[:-1]
+            keys = torch.repeat_interleave(torch.arange(lengths.shape[0], device=items.device), lengths) * n + items
+            query = tp * n + pos
+            at = torch.searchsorted(keys, query).clamp(max=max(nnz - 1, 0))
+            member = (keys[at] == query) if nnz else torch.zeros_like(drop)
+            pooled = self.pool_flat_without(h_prof, offsets, tp, drop & member, h_pos)
+        profiles = self.profile_tower(pooled)
+        x_uij = (profiles.float() * (h_pos - h_neg)).sum(1)
+        return F.binary_cross_entropy_with_logits(x_uij, torch.ones_like(x_uij))
 
 
 class RandomProfileBatches:
-    """Uniform random triples turned into CuratorNet batches: the profile of a triple is the user's
-    training profile, without the positive when ``mask_positive`` (one profile per triple)."""
+    """Uniform random triples as CuratorNet batches: each distinct user of a batch brings their
+    training profile once; with ``mask_positive`` every triple's positive is left out of it."""
 
     def __init__(self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device):
         self.train = train
@@ -159,20 +201,16 @@ class RandomProfileBatches:
     def epoch(self, e: int):
         for batch in self.sampler.epoch(e):
             user = batch["user"].cpu().numpy()
-            pos = batch["pos"].cpu().numpy()
-            sub = self.train.take_rows(user)
-            items, seg = sub.indices, sub.row_ids()
-            if self.mask_positive:
-                keep = items != pos[seg]
-                items, seg = items[keep], seg[keep]
-            offsets = np.zeros(user.size + 1, np.int64)
-            np.cumsum(np.bincount(seg, minlength=user.size), out=offsets[1:])
+            uniq, inv = np.unique(user, return_inverse=True)
+            sub = self.train.take_rows(uniq)
+            pos = batch["pos"].to(self.device)
             yield {
-                "profile_items": torch.as_tensor(items, device=self.device),
-                "profile_offsets": torch.as_tensor(offsets, device=self.device),
-                "triple_profile": torch.arange(user.size, device=self.device),
-                "pos": batch["pos"].to(self.device),
+                "profile_items": torch.as_tensor(sub.indices, device=self.device),
+                "profile_offsets": torch.as_tensor(sub.indptr, device=self.device),
+                "triple_profile": torch.as_tensor(inv.reshape(-1), device=self.device),
+                "pos": pos,
                 "neg": batch["neg"].to(self.device),
+                "drop_positive": torch.full(pos.shape, self.mask_positive, dtype=torch.bool, device=self.device),
             }
 
 
@@ -184,7 +222,9 @@ def _guided_from_inputs(inputs: FitInputs | None) -> GuidedTriples | None:
         return triples
     if isinstance(triples, dict):
         return GuidedTriples.from_arrays(triples)
-    raise TypeError(f"FitInputs.extra['triples_guided'] must be GuidedTriples or its arrays, got {type(triples).__name__}")
+    raise TypeError(
+        f"FitInputs.extra['triples_guided'] must be GuidedTriples or its arrays, got {type(triples).__name__}"
+    )
 
 
 class CuratorNet(Recommender):
@@ -202,7 +242,9 @@ class CuratorNet(Recommender):
         cfg = self.config
         device = resolve_device(cfg.device)
         feats, mask = pooled_features(inputs, data.n_items, model=self.name)
-        self.module = CuratorNetModule(feats.shape[1], cfg.item_dims, cfg.profile_dims, feats).to(device)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.module = CuratorNetModule(feats.shape[1], cfg.item_dims, cfg.profile_dims, feats).to(device)
         self.item_cache = None
         tcfg = train_config(cfg)
         if cfg.sampler == "guided":
@@ -260,7 +302,9 @@ class CuratorNet(Recommender):
             was = module.training
             module.eval()
             f = module.features
-            self.item_cache = torch.cat([module.item_tower(f[s : s + 8192]).float() for s in range(0, f.shape[0], 8192)])
+            self.item_cache = torch.cat(
+                [module.item_tower(f[s : s + 8192]).float() for s in range(0, f.shape[0], 8192)]
+            )
             module.train(was)
         return self.item_cache
 
@@ -280,11 +324,13 @@ class CuratorNet(Recommender):
     @torch.no_grad()
     def score(self, batch: ScoreBatch) -> torch.Tensor:
         cache = self._item_cache()
-        n = batch.profile_items.shape[0]
-        step = max(1, self.config.score_batch_users)
+        n, width = batch.profile_items.shape
+        # rows per pass: at most score_batch_users, and the gathered [rows, L, k] block under ~128 MB
+        step = max(1, min(self.config.score_batch_users, 2**25 // max(1, width * cache.shape[1])))
         out = []
         for s in range(0, n, step):
-            sub = ScoreBatch(batch.user_idx[s : s + step], batch.profile_items[s : s + step], batch.profile_mask[s : s + step])
+            rows = slice(s, s + step)
+            sub = ScoreBatch(batch.user_idx[rows], batch.profile_items[rows], batch.profile_mask[rows])
             out.append(self.profile_vectors(sub) @ cache.T)
         return torch.cat(out) if out else cache.new_zeros((0, cache.shape[0]))
 
@@ -317,7 +363,9 @@ class CuratorNetRandom(CuratorNet):
         super().__init__(config or CuratorNetRandomConfig(), **kw)
 
 
-def recommend_for_profile(model: CuratorNet, item_ids: list[int], items: IndexMap, k: int = 20) -> list[tuple[int, float]]:
+def recommend_for_profile(
+    model: CuratorNet, item_ids: list[int], items: IndexMap, k: int = 20
+) -> list[tuple[int, float]]:
     """The ``k`` best catalogue items for an ad-hoc profile given as item ids, without retraining.
 
     Profile items are not recommended; ties are broken by item index (as in evaluation).
@@ -336,3 +384,27 @@ def recommend_for_profile(model: CuratorNet, item_ids: list[int], items: IndexMa
     top, scores = top_k(model.score, holdout, n_items, k)
     keep = top[0] >= 0
     return [(int(i), float(s)) for i, s in zip(items.ids[top[0][keep]], scores[0][keep])]
+
+
+# registered here (imported at the end of the registry module, so no import cycle bites)
+from visrec_pipeline.recsys.registry import FEATURE_BACKBONE, ModelSpec, register  # noqa: E402
+
+register(
+    ModelSpec(
+        "curatornet",
+        CuratorNet,
+        CuratorNetConfig,
+        frozenset({f"features:{FEATURE_BACKBONE}", "triples_guided"}),
+        "CuratorNet (Messina et al. 2020): user-free item and profile towers over frozen visual features, "
+        "trained on the six sampling-guideline triples; scores any ad-hoc profile without retraining.",
+    )
+)
+register(
+    ModelSpec(
+        "curatornet_random",
+        CuratorNetRandom,
+        CuratorNetRandomConfig,
+        frozenset({f"features:{FEATURE_BACKBONE}", "triples_random"}),
+        "CuratorNet ablation: the same towers trained on uniform random triples instead of the guidelines.",
+    )
+)

@@ -1,0 +1,191 @@
+"""ACF: masked attentions, the user vector, recency of the profile, training, PCA reduction, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
+from visrec_pipeline.recsys.checkpoint import load_checkpoint, save_checkpoint
+from visrec_pipeline.recsys.data import RecData
+from visrec_pipeline.recsys.evaluate import evaluate
+from visrec_pipeline.recsys.models.acf import ACF, ACFConfig, ACFModule, masked_softmax
+from visrec_pipeline.recsys.registry import MODEL_SPECS, build_model
+from visrec_pipeline.recsys.synthetic import planted_dataset
+
+REGIONS, CHANNELS = 4, 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared box is oversubscribed; one thread is much faster there
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def syn():
+    return planted_dataset(n_users=100, n_items=200, n_clusters=6, dim=CHANNELS, per_user=(6, 30), seed=5)
+
+
+def _spatial(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Regions that carry the item's (cluster-structured) features with per-region weights."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.2, 1.0, (1, REGIONS, 1))
+    noise = rng.normal(0, 0.3, (features.shape[0], REGIONS, features.shape[1]))
+    return (features[:, None, :] * w + noise).astype(np.float16)
+
+
+def _config(**kw):
+    base = dict(epochs=6, batch_size=512, lr=1e-2, dim=16, attention_dim=16, max_profile_len=8, device="cpu")
+    base.update(kw)
+    return ACFConfig(**base)
+
+
+def _batch(holdout, rows=None):
+    rows = np.arange(len(holdout)) if rows is None else np.asarray(rows)
+    items, mask = holdout.profile.padded(rows)
+    return ScoreBatch(torch.as_tensor(holdout.user_idx[rows]), items, mask)
+
+
+@pytest.fixture(scope="module")
+def trained(syn):
+    fit, validation = syn.data.validation_split()
+    inputs = FitInputs(spatial=_spatial(syn.features), validation=validation)
+    model = ACF(_config())
+    history = model.fit(fit, inputs)
+    return model, history, fit
+
+
+def test_registered_with_its_needs():
+    assert MODEL_SPECS["acf"].needs == frozenset({"spatial:resnet50", "triples_random"})
+    assert isinstance(build_model("acf"), ACF)
+
+
+def test_masked_softmax_sums_to_one_and_zeroes_masked_slots():
+    logits = torch.tensor([[1.0, 5.0, -2.0, 0.0], [3.0, 3.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False], [True, True, True, True]])
+    a = masked_softmax(logits, mask)
+    assert torch.allclose(a.sum(1), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.all(a[~mask] == 0)  # exactly zero, not just small
+    assert torch.allclose(a[2], torch.softmax(logits[2], 0))
+    (a * torch.arange(4.0)).sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[~mask] == 0)
+
+
+def test_training_lowers_the_loss_and_learns_the_planted_structure(syn, trained):
+    model, history, _ = trained
+    assert history.loss[-1] < history.loss[0]
+    assert history.notes["region_table"] == {"regions": REGIONS, "channels_in": CHANNELS, "pca_dim": None}
+    assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.7
+
+
+def test_explain_attentions_sum_to_one_and_padding_gets_zero(syn, trained):
+    model, _, _ = trained
+    batch = _batch(syn.data.holdout, range(30))
+    item_att, comp_att = model.explain(batch)
+    b, width = batch.profile_items.shape
+    assert item_att.shape == (b, width) and comp_att.shape == (b, width, REGIONS)
+    kept = item_att > 0
+    assert torch.allclose(item_att.sum(1), torch.ones(b), atol=1e-5)
+    assert torch.all(item_att[~batch.profile_mask] == 0) and torch.all(comp_att[~batch.profile_mask] == 0)
+    assert torch.allclose(comp_att[kept].sum(1), torch.ones(int(kept.sum())), atol=1e-5)
+    assert torch.all(kept.sum(1) <= model.config.max_profile_len)
+
+
+def test_only_the_most_recent_items_are_attended(syn, trained):
+    model, _, fit = trained
+    batch = _batch(syn.data.holdout, range(40))
+    item_att, _ = model.explain(batch)
+    order = np.lexsort((fit.train.indices, fit.train_ts, fit.train.row_ids()))
+    rows, cols, times = fit.train.row_ids()[order], fit.train.indices[order], fit.train_ts[order]
+    ts_of = {(int(u), int(i)): int(t) for u, i, t in zip(rows, cols, times)}
+    for r in range(40):
+        u = int(batch.user_idx[r])
+        items = batch.profile_items[r][batch.profile_mask[r]].tolist()
+        # items outside the fit rows (the validation row) are the newest; then by time, then by index
+        key = sorted(items, key=lambda i: (ts_of.get((u, i), np.iinfo(np.int64).max), i))
+        expected = set(key[-model.config.max_profile_len :])
+        attended = {int(batch.profile_items[r][s]) for s in torch.nonzero(item_att[r] > 0).flatten().tolist()}
+        assert attended == expected, r
+
+
+def test_scores_are_the_attentive_user_vector_times_item_embeddings(syn, trained):
+    model, _, _ = trained
+    batch = _batch(syn.data.holdout, range(12))
+    item_att, _ = model.explain(batch)
+    module = model.module
+    u = module.user(batch.user_idx.clamp(min=0))
+    u_prime = u + (item_att.unsqueeze(2) * module.aux(batch.profile_items)).sum(1)
+    assert torch.allclose(model.score(batch), u_prime @ module.item.weight.T, atol=1e-4)
+    # a user unknown to training: u = 0, the profile's attention alone
+    unknown = ScoreBatch(torch.full((12,), -1), batch.profile_items, batch.profile_mask)
+    att_unknown, _ = model.explain(unknown)
+    expected = (att_unknown.unsqueeze(2) * module.aux(batch.profile_items)).sum(1) @ module.item.weight.T
+    assert torch.allclose(model.score(unknown), expected, atol=1e-4)
+
+
+def test_the_positive_gets_no_attention_in_training():
+    torch.manual_seed(0)
+    module = ACFModule(n_users=3, n_items=6, region_dim=CHANNELS, dim=8, attention_dim=8)
+    module.regions = torch.randn(6, REGIONS, CHANNELS).half()
+    # every user's profile holds only item 2, which is also the positive: u' must be u alone
+    module.train_items = torch.full((3, 1), 2)
+    module.train_mask = torch.ones(3, 1, dtype=torch.bool)
+    batch = {"user": torch.tensor([0, 1, 2]), "pos": torch.tensor([2, 2, 2]), "neg": torch.tensor([4, 5, 0])}
+    u, v = module.user.weight, module.item.weight
+    x = (u * (v[2] - v[batch["neg"]])).sum(1)
+    expected = -torch.nn.functional.logsigmoid(x).mean()
+    assert torch.allclose(module.loss(batch, mask_positive=True), expected, atol=1e-6)
+    assert not torch.allclose(module.loss(batch, mask_positive=False), expected, atol=1e-6)
+
+
+def test_pca_reduction_and_checkpoint_round_trip(syn, tmp_path):
+    fit, _ = syn.data.validation_split()
+    inputs = FitInputs(spatial=_spatial(syn.features), feature_mask=np.ones(syn.data.n_items, bool))
+    model = ACF(_config(epochs=2, region_pca_dim=6, pca_sample_regions=500))
+    history = model.fit(fit, inputs)
+    assert history.notes["region_table"]["pca_dim"] == 6 and model.module.reduce.in_features == 6
+    again = ACF(_config(epochs=2, region_pca_dim=6, pca_sample_regions=500))
+    again.fit(fit, inputs)
+    batch = _batch(syn.data.holdout)
+    assert torch.equal(model.score(batch), again.score(batch))  # seeded end to end
+    path = save_checkpoint(
+        tmp_path / "acf.pt",
+        model_name="acf",
+        config=model.config,
+        state=model.state_dict(),
+        data_versions={},
+        history=history,
+    )
+    ckpt = load_checkpoint(path)
+    fresh = build_model("acf", ckpt["config"])
+    fresh.load_state_dict(ckpt["state"])  # no spatial features needed to score
+    assert torch.equal(fresh.score(batch), model.score(batch))
+    assert torch.equal(fresh.explain(batch)[1], model.explain(batch)[1])
+
+
+def test_bad_spatial_inputs_are_named(syn):
+    fit, _ = syn.data.validation_split()
+    with pytest.raises(ValueError, match="FitInputs.spatial"):
+        ACF(_config()).fit(fit, FitInputs())
+    with pytest.raises(ValueError, match=r"expected \[n_items=200"):
+        ACF(_config()).fit(fit, FitInputs(spatial=_spatial(syn.features)[:-1]))
+    bad = _spatial(syn.features)
+    bad[9, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"\[9\]"):
+        ACF(_config()).fit(fit, FitInputs(spatial=bad))
+
+
+def test_a_tiny_dataset_with_one_user():
+    frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [10, 11, 12], "ts": [3, 1, 2]})
+    data = RecData.from_frames(frame, [10, 11, 12, 13])
+    model = ACF(_config(epochs=1, max_profile_len=2))
+    model.fit(data, FitInputs(spatial=np.ones((4, REGIONS, CHANNELS), np.float16)))
+    scores = model.score(ScoreBatch(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)))
+    assert scores.shape == (1, 4) and torch.isfinite(scores).all()
+    att, _ = model.explain(ScoreBatch(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)))
+    assert att[0, 1] == 0 and att[0, 0] > 0 and att[0, 2] > 0  # item 11 (ts 1) is the oldest

@@ -1,0 +1,220 @@
+"""CuratorNet: user-free scoring, exact leave-one-out pooling, training on guided and random triples,
+ad-hoc profiles and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
+from visrec_pipeline.recsys.checkpoint import load_checkpoint, save_checkpoint
+from visrec_pipeline.recsys.data import CSR, UnknownIdError
+from visrec_pipeline.recsys.evaluate import evaluate
+from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, build_guided_triples
+from visrec_pipeline.recsys.models.curatornet import (
+    CuratorNet,
+    CuratorNetConfig,
+    CuratorNetModule,
+    CuratorNetRandom,
+    CuratorNetRandomConfig,
+    recommend_for_profile,
+)
+from visrec_pipeline.recsys.registry import MODEL_SPECS, build_model
+from visrec_pipeline.recsys.synthetic import planted_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared box is oversubscribed; one thread is much faster there
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def syn():
+    # 97 users: no model dimension equals it, so a per-user tensor would stand out in the state
+    return planted_dataset(n_users=97, n_items=180, n_clusters=6, dim=24, per_user=(6, 20), seed=11)
+
+
+def _small(cls=CuratorNetConfig, **kw):
+    base = dict(epochs=4, batch_size=128, lr=3e-3, device="cpu", item_dims=(32, 32), profile_dims=(48, 32))
+    base.update(kw)
+    return cls(**base)
+
+
+def _batch(holdout, rows=None):
+    rows = np.arange(len(holdout)) if rows is None else np.asarray(rows)
+    items, mask = holdout.profile.padded(rows)
+    return ScoreBatch(torch.as_tensor(holdout.user_idx[rows]), items, mask)
+
+
+@pytest.fixture(scope="module")
+def trained(syn):
+    model = CuratorNet(_small())
+    fit, validation = syn.data.validation_split()
+    inputs = syn.inputs()
+    inputs.validation = validation
+    history = model.fit(fit, inputs)
+    return model, history
+
+
+def test_registered_with_its_needs():
+    assert MODEL_SPECS["curatornet"].needs == frozenset({"features:resnet50", "triples_guided"})
+    assert MODEL_SPECS["curatornet_random"].needs == frozenset({"features:resnet50", "triples_random"})
+    assert isinstance(build_model("curatornet_random"), CuratorNetRandom)
+    assert build_model("curatornet_random").config.sampler == "random"
+    assert build_model("curatornet", {"guided": {"margin": 0.2}}).config.guided.margin == 0.2
+    with pytest.raises(ValueError, match="sampler"):
+        CuratorNetConfig(sampler="uniform")
+    with pytest.raises(ValueError, match="profile tower"):
+        CuratorNetConfig(profile_dims=(300, 100))
+
+
+def test_paper_sizes():
+    m = CuratorNetModule(2048)
+    assert [(layer.in_features, layer.out_features) for layer in m.item_layers] == [(2048, 200), (200, 200)]
+    sizes = [(layer.in_features, layer.out_features) for layer in m.profile_layers]
+    assert sizes == [(400, 300), (300, 300), (300, 200)]
+
+
+def test_guided_training_lowers_the_loss_and_beats_chance(syn, trained):
+    model, history = trained
+    assert history.loss[-1] < history.loss[0]
+    notes = history.notes["sampler"]
+    assert notes["sampler"] == "guided" and notes["total"] > 1000
+    assert all(notes[k] > 0 for k in notes if k[:1].isdigit())  # every guideline fed the training
+    result = evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,))
+    assert result.means["auc"] > 0.75
+
+
+def test_no_user_parameters_and_new_profiles_score_like_known_users(syn, trained):
+    model, _ = trained
+    state = model.state_dict()
+    assert all(t.shape[0] != syn.data.n_users for t in state.values() if t.ndim)
+    holdout = syn.data.holdout
+    known = _batch(holdout, range(10))
+    unknown = ScoreBatch(torch.full((10,), -1, dtype=torch.long), known.profile_items, known.profile_mask)
+    assert torch.equal(model.score(known), model.score(unknown))
+    other_user = ScoreBatch(known.user_idx.flip(0), known.profile_items, known.profile_mask)
+    assert torch.equal(model.score(known), model.score(other_user))  # the user index plays no part
+
+
+def test_pooling_without_a_member_is_exact():
+    torch.manual_seed(0)
+    # profiles: a tie at the top in some dimension, a single-item profile, an empty one
+    lengths = torch.tensor([4, 1, 3, 0])
+    h = torch.randn(int(lengths.sum()), 5)
+    h[1, 2] = h[0, 2] = h[:4, 2].max() + 1.0  # rows 0 and 1 tie for the max of dim 2
+    offsets = torch.zeros(5, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    triple_profile = torch.tensor([0, 0, 1, 2, 2, 3, 0])
+    member_row = torch.tensor([0, 1, 4, 5, 7, -1, 2])  # row of h that is dropped (-1: none)
+    drop = member_row >= 0
+    h_drop = torch.where(drop.unsqueeze(1), h[member_row.clamp(min=0)], torch.zeros(5))
+    got = CuratorNetModule.pool_flat_without(h, offsets, triple_profile, drop, h_drop)
+    for t in range(triple_profile.numel()):
+        p = int(triple_profile[t])
+        rows = [r for r in range(int(offsets[p]), int(offsets[p + 1])) if r != int(member_row[t])]
+        ref = CuratorNetModule.pool_flat(h[rows], torch.tensor([0, len(rows)]))[0]
+        assert torch.allclose(got[t], ref, atol=1e-6), t
+    # without dropping, it is the plain pooling, and padded pooling agrees
+    plain = CuratorNetModule.pool_flat(h, offsets)
+    no_drop = torch.zeros(4, dtype=torch.bool)
+    none = CuratorNetModule.pool_flat_without(h, offsets, torch.arange(4), no_drop, torch.zeros(4, 5))
+    assert torch.allclose(plain, none)
+    padded = torch.zeros(4, 4, 5)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    for p in range(4):
+        n = int(lengths[p])
+        padded[p, :n] = h[int(offsets[p]) : int(offsets[p]) + n]
+        mask[p, :n] = True
+    assert torch.allclose(CuratorNetModule.pool_padded(padded, mask), plain, atol=1e-6)
+
+
+def test_random_ablation_masks_the_positive_and_trains(syn):
+    model = CuratorNetRandom(_small(CuratorNetRandomConfig))
+    history = model.fit(syn.data, syn.inputs())
+    assert history.loss[-1] < history.loss[0]
+    assert history.notes["sampler"]["sampler"] == "random"
+    assert history.notes["sampler"]["positive_masked_in_profile"] is True
+    assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
+    # the loss a batch reports equals the loss on explicit per-triple profiles without the positive
+    module = model.module
+    module.train(False)
+    from visrec_pipeline.recsys.models.curatornet import RandomProfileBatches
+    from visrec_pipeline.recsys.samplers import RandomTripleSampler
+
+    sampler = RandomTripleSampler(syn.data.train, batch_size=32)
+    batch = next(iter(RandomProfileBatches(syn.data.train, sampler, mask_positive=True, device="cpu").epoch(0)))
+    users = sampler.sample_epoch(0)["user"][:32]
+    assert batch["profile_offsets"].shape[0] - 1 == np.unique(users.numpy()).size  # one profile per distinct user
+    lists = [[i for i in syn.data.train.row(int(users[k])).tolist() if i != int(batch["pos"][k])] for k in range(32)]
+    explicit = CSR.from_lists(lists, syn.data.n_items)
+    ref = {
+        "profile_items": torch.as_tensor(explicit.indices),
+        "profile_offsets": torch.as_tensor(explicit.indptr),
+        "triple_profile": torch.arange(len(lists)),
+        "pos": batch["pos"],
+        "neg": batch["neg"],
+    }
+    with torch.no_grad():
+        assert torch.allclose(module.loss(batch), module.loss(ref), atol=1e-5)
+
+
+def test_precomputed_guided_triples_are_used(syn):
+    fit, _ = syn.data.validation_split()
+    triples = build_guided_triples(
+        fit.train, fit.train_ts, syn.features, clusters=syn.clusters, config=GuidedSamplerConfig(seed=3)
+    )
+    inputs = syn.inputs()
+    inputs.extra["triples_guided"] = triples.to_arrays()
+    model = CuratorNet(_small(epochs=1))
+    history = model.fit(fit, inputs)
+    assert history.notes["sampler"]["total"] == len(triples)
+
+
+def test_recommend_for_profile(syn, trained):
+    model, _ = trained
+    items = syn.data.items
+    profile_ids = items.ids[[3, 50, 77]].tolist()
+    recs = recommend_for_profile(model, profile_ids, items, k=10)
+    assert len(recs) == 10
+    rec_ids = [i for i, _ in recs]
+    assert not set(rec_ids) & set(profile_ids)
+    scores = [s for _, s in recs]
+    assert scores == sorted(scores, reverse=True)
+    # the same as scoring the profile directly
+    adhoc = ScoreBatch(torch.tensor([-1]), torch.tensor([[3, 50, 77]]), torch.ones(1, 3, dtype=torch.bool))
+    full = model.score(adhoc)[0]
+    full[[3, 50, 77]] = -float("inf")
+    assert rec_ids[0] == int(items.ids[int(full.argmax())])
+    with pytest.raises(UnknownIdError):
+        recommend_for_profile(model, [999_999], items)
+    with pytest.raises(ValueError, match="empty"):
+        recommend_for_profile(model, [], items)
+
+
+def test_checkpoint_round_trip_reproduces_scores(syn, trained, tmp_path):
+    model, history = trained
+    path = save_checkpoint(
+        tmp_path / "cn.pt",
+        model_name="curatornet",
+        config=model.config,
+        state=model.state_dict(),
+        data_versions={},
+        history=history,
+    )
+    ckpt = load_checkpoint(path)
+    fresh = build_model("curatornet", ckpt["config"])
+    fresh.load_state_dict(ckpt["state"])
+    batch = _batch(syn.data.holdout)
+    assert torch.equal(fresh.score(batch), model.score(batch))
+    with pytest.raises(RuntimeError, match="fit"):
+        CuratorNet(_small()).score(batch)
+
+
+def test_missing_features_are_reported(syn):
+    with pytest.raises(ValueError, match="features"):
+        CuratorNet(_small()).fit(syn.data, FitInputs())

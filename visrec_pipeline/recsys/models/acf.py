@@ -1,0 +1,436 @@
+"""ACF, Attentive Collaborative Filtering (Chen et al., SIGIR 2017), with spatial visual features.
+
+For user ``u`` (embedding ``u``) and each profile item ``l`` (embedding ``v_l``, auxiliary
+embedding ``p_l``, regions ``x_lm``: the ResNet-50 ``layer4`` map, 49 regions):
+
+- regions are reduced to the embedding size by a learned linear layer (optionally after a
+  fixed PCA of the 2048 channels, see ``region_pca_dim``);
+- component attention ``b_lm = softmax_m(w1 . ReLU(W1x x_lm + W1u u + b1))``,
+  ``xbar_l = sum_m b_lm x_lm``;
+- item attention ``a_l = softmax_l(w2 . ReLU(W2u u + W2v v_l + W2p p_l + W2x xbar_l + b2))`` over
+  the profile slots that exist (padding gets exactly zero weight);
+- ``u' = u + sum_l a_l p_l``, score ``x_ui = u' . v_i``; BPR loss with L2 on the embeddings
+  of the batch (and Adam weight decay on the attention weights).
+
+The profile is the user's ``max_profile_len`` most recent training items. During training
+the positive item is left out of its own profile (its slot gets zero attention): at test
+time the item to predict is never in the profile, so training should not reward it.
+
+``u'`` does not depend on the candidate item, so scoring all items is ``u' @ V^T``. A user
+unknown to training gets ``u = 0`` and is represented by their profile's attention alone.
+:meth:`ACF.explain` returns both attentions, aligned with the batch's profile slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.recsys.data import CSR, RecData
+from visrec_pipeline.recsys.samplers import RandomTripleSampler
+from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+
+_INT64_MAX = np.iinfo(np.int64).max
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+@dataclass
+class ACFConfig:
+    epochs: int = 20
+    # large batches are nearly free: the attention is computed once per distinct user of a batch
+    batch_size: int = 4096
+    lr: float = 1e-2
+    weight_decay: float = 1e-6  # Adam L2 on every weight (attention and reduction layers)
+    reg: float = 1e-4  # L2 on the user / item / auxiliary embeddings of each triple
+    patience: int = 3
+    eval_every: int = 1
+    val_max_users: int = 500
+    seed: int = 0
+    device: str = "auto"
+    max_batches_per_epoch: int | None = None
+    amp: str = "auto"
+    dim: int = 64  # embedding size (u, v, p and the reduced regions)
+    attention_dim: int = 64
+    max_profile_len: int = 20  # most recent profile items attended to
+    # A fixed PCA of the region channels before the learned reduction keeps CPU training cheap
+    # (2048 -> 128 keeps nearly all the variance); None applies the learned layer to raw channels.
+    region_pca_dim: int | None = 128
+    pca_sample_regions: int = 16384
+    mask_positive_in_profile: bool = True
+    score_batch_users: int = 256
+
+    def __post_init__(self):
+        if self.dim < 1 or self.attention_dim < 1 or self.max_profile_len < 1:
+            raise ValueError("ACFConfig.dim, .attention_dim and .max_profile_len must be >= 1")
+        if self.region_pca_dim is not None and self.region_pca_dim < 1:
+            raise ValueError(f"ACFConfig.region_pca_dim must be >= 1 or None, got {self.region_pca_dim}")
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over the entries where ``mask``; masked entries get exactly 0, an all-masked row all 0."""
+    z = logits.float().masked_fill(~mask, float("-inf"))
+    top = z.amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(z - top)  # exp(-inf) == 0: masked entries vanish without NaN
+    return e / e.sum(dim, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
+
+
+# --------------------------------------------------------------------------------------------- regions
+
+
+def fit_region_pca(
+    spatial: np.ndarray, candidates: np.ndarray, dim: int, *, n_samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [C], basis [C, dim])``: the top principal directions of region vectors sampled
+    uniformly from the regions of ``candidates`` (randomised SVD, seeded; about 1 s on one core)."""
+    rng = np.random.default_rng(seed)
+    items = rng.choice(candidates, size=n_samples, replace=True)
+    regions = rng.integers(0, spatial.shape[1], size=n_samples)
+    order = np.lexsort((regions, items))  # memory-map friendly reads
+    x = torch.from_numpy(np.asarray(spatial[items[order], regions[order]], dtype=np.float32))
+    mean = x.mean(0)
+    q = min(dim + 10, *x.shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(x - mean, q=q, niter=3)
+    basis = v[:, :dim]
+    # a deterministic sign: the largest-magnitude loading of each component is positive
+    sign = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    return mean, basis * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def project_regions(
+    spatial: np.ndarray, mean: torch.Tensor | None, basis: torch.Tensor | None, has: np.ndarray
+) -> torch.Tensor:
+    """``[n_items, R, D]`` float16 table: PCA-projected regions (raw ones without ``basis``); rows
+    of items without features are zero."""
+    n, r, c = spatial.shape
+    d = c if basis is None else basis.shape[1]
+    out = torch.zeros((n, r, d), dtype=torch.float16)
+    for s in range(0, n, 256):
+        x = torch.from_numpy(np.asarray(spatial[s : s + 256], dtype=np.float32))
+        if basis is not None:
+            x = (x - mean) @ basis
+        x = torch.where(torch.from_numpy(has[s : s + 256]).view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype))
+        out[s : s + 256] = x.half()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- module
+
+
+class ACFModule(nn.Module):
+    def __init__(self, n_users: int, n_items: int, region_dim: int, dim: int = 64, attention_dim: int = 64):
+        super().__init__()
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)  # v
+        self.aux = nn.Embedding(n_items, dim)  # p
+        for emb in (self.user, self.item, self.aux):
+            nn.init.normal_(emb.weight, std=0.1)
+        self.reduce = nn.Linear(region_dim, dim)
+        self.comp_x = nn.Linear(dim, attention_dim)  # W1x (+ b1)
+        self.comp_u = nn.Linear(dim, attention_dim, bias=False)  # W1u
+        self.comp_w = nn.Linear(attention_dim, 1, bias=False)  # w1
+        self.item_u = nn.Linear(dim, attention_dim)  # W2u (+ b2)
+        self.item_v = nn.Linear(dim, attention_dim, bias=False)  # W2v
+        self.item_p = nn.Linear(dim, attention_dim, bias=False)  # W2p
+        self.item_x = nn.Linear(dim, attention_dim, bias=False)  # W2x
+        self.item_w = nn.Linear(attention_dim, 1, bias=False)  # w2
+        # non-persistent: derived from the inputs, rebuilt by fit (the state holds the weights)
+        self.register_buffer("regions", None, persistent=False)  # [n_items, R, D] float16
+        self.register_buffer("train_items", None, persistent=False)  # [n_users, L]
+        self.register_buffer("train_mask", None, persistent=False)  # [n_users, L]
+
+    def profile_logits(
+        self, u: torch.Tensor, items: torch.Tensor, table: torch.Tensor, *, reduced: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item-attention logits ``[n, L]`` and component attention ``[n, L, R]``.
+
+        ``u`` [n, d]; ``items`` [n, L]; ``table`` [n_items, R, D]: region rows to reduce, or already
+        reduced ones (``reduced=True``). The reduction and ``W1x`` are linear, so they are applied
+        once per distinct item and gathered afterwards (4-5x less work than per profile slot).
+        """
+        uniq, inv = torch.unique(items, return_inverse=True)
+        rows = table[uniq].float()
+        x = rows if reduced else self.reduce(rows)  # [m, R, d]
+        kx = self.comp_x(x)  # [m, R, a]
+        h = F.relu(kx[inv] + self.comp_u(u)[:, None, None, :])  # [n, L, R, a]
+        beta = torch.softmax(self.comp_w(h).squeeze(-1).float(), dim=-1)  # over regions
+        xbar = torch.einsum("nlr,nlrd->nld", beta.to(x.dtype), x[inv])  # [n, L, d]
+        g = (
+            self.item_u(u)[:, None, :]
+            + self.item_v(self.item(items))
+            + self.item_p(self.aux(items))
+            + self.item_x(xbar)
+        )
+        return self.item_w(F.relu(g)).squeeze(-1), beta
+
+    def user_vectors(self, u: torch.Tensor, items: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return u + (attention.unsqueeze(-1).to(u.dtype) * self.aux(items)).sum(1)
+
+    def loss(self, batch: dict[str, torch.Tensor], *, reg: float = 0.0, mask_positive: bool = True) -> torch.Tensor:
+        user, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        # the profile attention of a user is the same for all their triples: compute it once per user
+        uu, inv = torch.unique(user, return_inverse=True)
+        items, mask = self.train_items[uu], self.train_mask[uu]
+        u_emb = self.user(uu)
+        logits, _ = self.profile_logits(u_emb, items, self.regions)
+        t_items, t_mask = items[inv], mask[inv]
+        if mask_positive:
+            t_mask = t_mask & (t_items != pos.unsqueeze(1))
+        attention = masked_softmax(logits[inv], t_mask)
+        u_t = self.user(user)
+        u_prime = self.user_vectors(u_t, t_items, attention)
+        v_pos, v_neg = self.item(pos), self.item(neg)
+        x_uij = (u_prime.float() * (v_pos - v_neg).float()).sum(1)
+        l2 = (u_t.float() ** 2).sum(1) + (v_pos.float() ** 2).sum(1) + (v_neg.float() ** 2).sum(1)
+        return -F.logsigmoid(x_uij).mean() + reg * l2.mean()
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class _Loss:
+    """``loss_fn`` for the trainer: the module's loss with this config's regularisation."""
+
+    def __init__(self, reg: float, mask_positive: bool):
+        self.reg, self.mask_positive = reg, mask_positive
+
+    def __call__(self, module: ACFModule, batch: dict) -> torch.Tensor:
+        return module.loss(batch, reg=self.reg, mask_positive=self.mask_positive)
+
+
+def _recent_profiles(train: CSR, ts: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's ``max_len`` most recent training items (ties: higher item index is newer)."""
+    order = np.lexsort((train.indices, ts, train.row_ids()))
+    by_time = CSR(train.indptr, train.indices[order], train.n_cols)
+    return by_time.padded(max_len=max_len)
+
+
+class ACF(Recommender):
+    name = "acf"
+    config_cls = ACFConfig
+
+    def __init__(self, config: ACFConfig | None = None, **kw):
+        super().__init__(config or ACFConfig(), **kw)
+        self.module: ACFModule | None = None
+        self.region_cache: torch.Tensor | None = None  # reduced regions [n_items, R, d] float16
+        self.pca_mean: torch.Tensor | None = None
+        self.pca_basis: torch.Tensor | None = None
+        self.ui_keys: torch.Tensor | None = None  # sorted user * n_items + item of the training rows
+        self.ui_ts: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ training
+    def _region_table(self, inputs: FitInputs, n_items: int) -> torch.Tensor:
+        cfg = self.config
+        if inputs.spatial is None:
+            raise ValueError(f"{self.name} needs spatial visual features (FitInputs.spatial) but none were given")
+        spatial = inputs.spatial
+        if spatial.ndim != 3 or spatial.shape[0] != n_items:
+            raise ValueError(
+                f"{self.name}: FitInputs.spatial has shape {spatial.shape}; "
+                f"expected [n_items={n_items}, regions, channels]"
+            )
+        has = np.ones(n_items, bool) if inputs.feature_mask is None else np.asarray(inputs.feature_mask, bool)
+        if has.shape != (n_items,):
+            raise ValueError(f"{self.name}: FitInputs.feature_mask has shape {has.shape}; expected ({n_items},)")
+        c = spatial.shape[2]
+        if cfg.region_pca_dim is None or cfg.region_pca_dim >= c:
+            self.pca_mean, self.pca_basis = None, None
+        else:
+            candidates = np.flatnonzero(has)
+            if candidates.size == 0:
+                raise ValueError(f"{self.name}: no item has spatial features")
+            self.pca_mean, self.pca_basis = fit_region_pca(
+                spatial, candidates, cfg.region_pca_dim, n_samples=cfg.pca_sample_regions, seed=cfg.seed
+            )
+        table = project_regions(spatial, self.pca_mean, self.pca_basis, has)
+        if not torch.isfinite(table.float().sum((1, 2))).all():
+            bad = torch.nonzero(~torch.isfinite(table.float().sum((1, 2)))).squeeze(1)[:5].tolist()
+            raise ValueError(f"{self.name}: non-finite spatial features for item indices {bad} (first 5)")
+        return table
+
+    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+        cfg = self.config
+        device = resolve_device(cfg.device)
+        table = self._region_table(inputs, data.n_items)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            module = ACFModule(data.n_users, data.n_items, table.shape[2], cfg.dim, cfg.attention_dim)
+        items, mask = _recent_profiles(data.train, data.train_ts, cfg.max_profile_len)
+        module.regions, module.train_items, module.train_mask = table, items, mask
+        self.module = module.to(device)
+        self.region_cache = None
+        keys = data.train.row_ids() * data.n_items + data.train.indices  # sorted (CSR order)
+        self.ui_keys = torch.as_tensor(keys)
+        self.ui_ts = torch.as_tensor(np.asarray(data.train_ts, np.int64))
+
+        tcfg = train_config(cfg)
+        sampler = RandomTripleSampler(data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size)
+        validate = None
+        if inputs.validation is not None and len(inputs.validation) > 0:
+            check = make_validator(self, inputs.validation, data.n_items, tcfg)
+
+            def validate() -> float:
+                self.region_cache = None  # the reduction layer changed since the last cache
+                return check()
+
+        history = fit_triples(
+            self.module,
+            sampler.epoch,
+            tcfg,
+            loss_fn=_Loss(cfg.reg, cfg.mask_positive_in_profile),
+            validate=validate,
+            log=self.log,
+        )
+        self.region_cache = None
+        self._cache()
+        history.notes["sampler"] = sampler.summary()
+        history.notes["region_table"] = {
+            "regions": int(table.shape[1]),
+            "channels_in": int(inputs.spatial.shape[2]),
+            "pca_dim": None if self.pca_basis is None else int(self.pca_basis.shape[1]),
+        }
+        return history
+
+    # ------------------------------------------------------------------ inference
+    def _require(self) -> ACFModule:
+        if self.module is None:
+            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
+        return self.module
+
+    @torch.no_grad()
+    def _cache(self) -> torch.Tensor:
+        """Reduced regions of every item in item-index order (float16), built once per weights."""
+        module = self._require()
+        if self.region_cache is None:
+            if module.regions is None:
+                raise RuntimeError(f"{self.name}: no region table and no region cache to score with")
+            t = module.regions
+            self.region_cache = torch.cat(
+                [module.reduce(t[s : s + 1024].float()).half() for s in range(0, t.shape[0], 1024)]
+            )
+        return self.region_cache
+
+    def _select_profile(self, batch: ScoreBatch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``max_profile_len`` most recent slots of each row: ``(slot [b, L'], items, mask)``.
+
+        Recency comes from the training timestamps; a profile item unknown to training (e.g. a
+        validation row) counts as the newest; ties keep the later slot (higher item index).
+        """
+        items = batch.profile_items.to(device).long()
+        mask = batch.profile_mask.to(device).bool()
+        b, width = items.shape
+        keep = min(width, self.config.max_profile_len)
+        if width <= keep:
+            slot = torch.arange(width, device=device).expand(b, -1)
+            return slot, items, mask
+        n_items = self.module.item.num_embeddings
+        user = batch.user_idx.to(device).long()
+        keys = self.ui_keys.to(device)
+        query = user.clamp(min=0).unsqueeze(1) * n_items + items
+        at = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))
+        known = (keys[at] == query) & (user >= 0).unsqueeze(1) if keys.numel() else torch.zeros_like(mask)
+        ts = torch.where(known, self.ui_ts.to(device)[at], torch.full_like(at, _INT64_MAX))
+        ts = torch.where(mask, ts, torch.full_like(ts, _INT64_MIN))
+        order = torch.sort(ts, dim=1, stable=True).indices  # stable: equal times keep slot order
+        slot = order[:, -keep:]
+        return slot, items.gather(1, slot), mask.gather(1, slot)
+
+    @torch.no_grad()
+    def _attend(self, batch: ScoreBatch):
+        module = self._require()
+        cache = self._cache()
+        device = cache.device
+        slot, items, mask = self._select_profile(batch, device)
+        user = batch.user_idx.to(device).long()
+        u = torch.where((user >= 0).unsqueeze(1), module.user(user.clamp(min=0)), torch.zeros((), device=device))
+        logits, beta = module.profile_logits(u, items, cache, reduced=True)
+        alpha = masked_softmax(logits, mask)
+        return u, slot, items, mask, alpha, beta
+
+    @torch.no_grad()
+    def score(self, batch: ScoreBatch) -> torch.Tensor:
+        module = self._require()
+        was = module.training
+        module.eval()
+        step = max(1, self.config.score_batch_users)
+        out = []
+        n = batch.user_idx.shape[0]
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            sub = ScoreBatch(batch.user_idx[rows], batch.profile_items[rows], batch.profile_mask[rows])
+            u, _, items, _, alpha, _ = self._attend(sub)
+            out.append(module.user_vectors(u, items, alpha).float() @ module.item.weight.float().T)
+        module.train(was)
+        return torch.cat(out) if out else torch.zeros((0, module.item.num_embeddings))
+
+    @torch.no_grad()
+    def explain(self, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(item_attention [b, L], component_attention [b, L, R])`` aligned with ``batch``'s
+        profile slots; slots that are padding or beyond the most recent ``max_profile_len`` get 0."""
+        module = self._require()
+        was = module.training
+        module.eval()
+        _, slot, _, mask, alpha, beta = self._attend(batch)
+        module.train(was)
+        b, width = batch.profile_items.shape
+        item_att = torch.zeros((b, width), device=alpha.device)
+        comp_att = torch.zeros((b, width, beta.shape[2]), device=alpha.device)
+        item_att.scatter_(1, slot, alpha)
+        comp_att.scatter_(1, slot.unsqueeze(2).expand(-1, -1, beta.shape[2]), beta * mask.unsqueeze(2))
+        return item_att, comp_att
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        module = self._require()
+        state = {f"module.{k}": v for k, v in module.state_dict().items()}
+        state["region_cache"] = self._cache()
+        state["ui_keys"] = self.ui_keys
+        state["ui_ts"] = self.ui_ts
+        if self.pca_basis is not None:
+            state["pca_mean"], state["pca_basis"] = self.pca_mean, self.pca_basis
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        cfg = self.config
+        required = ("module.user.weight", "module.reduce.weight", "region_cache", "ui_keys", "ui_ts")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise KeyError(f"{self.name}: state lacks {missing}")
+        weights = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
+        n_users, dim = weights["user.weight"].shape
+        n_items = weights["item.weight"].shape[0]
+        region_dim = weights["reduce.weight"].shape[1]
+        att = weights["comp_x.weight"].shape[0]
+        if dim != cfg.dim or att != cfg.attention_dim:
+            raise ValueError(
+                f"{self.name}: state has dim={dim}, attention_dim={att}; config says {cfg.dim}, {cfg.attention_dim}"
+            )
+        device = resolve_device(cfg.device)
+        module = ACFModule(n_users, n_items, region_dim, dim, att)
+        module.load_state_dict(weights)
+        self.module = module.to(device).eval()
+        self.region_cache = state["region_cache"].half().to(device)
+        self.ui_keys, self.ui_ts = state["ui_keys"].long(), state["ui_ts"].long()
+        self.pca_mean, self.pca_basis = state.get("pca_mean"), state.get("pca_basis")
+
+
+# registered here (imported at the end of the registry module, so no import cycle bites)
+from visrec_pipeline.recsys.registry import FEATURE_BACKBONE, ModelSpec, register  # noqa: E402
+
+register(
+    ModelSpec(
+        "acf",
+        ACF,
+        ACFConfig,
+        frozenset({f"spatial:{FEATURE_BACKBONE}", "triples_random"}),
+        "ACF (Chen et al. 2017): component attention over image regions and item attention over the profile "
+        "build the user vector; BPR loss.",
+    )
+)

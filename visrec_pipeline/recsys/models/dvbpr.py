@@ -1,0 +1,400 @@
+"""DVBPR (Kang et al., ICDM 2017): BPR with a CNN trained end-to-end from the item images.
+
+``x_ui = gamma_u . gamma_i + theta_u . phi(X_i)``, ``phi`` a CNN over the image ``X_i``, applied
+with shared weights to the positive and the negative image of each triple (a siamese pair),
+trained with the BPR loss, L2 on ``theta`` and ``gamma`` (per triple) and weight decay on the CNN.
+``gamma_dim = 0`` gives the paper's purely visual form; the tutorial kept the latent factors.
+
+Architectures (:func:`cnn_spec`): ``cnnf``, the paper's CNN-F (conv 64 11x11/4, LRN, pool;
+conv 256 5x5, LRN, pool; 3 x conv 256 3x3, pool; fc 4096, fc 4096 with dropout; fc K), with
+a width multiplier and a configurable fc width; and ``alexnet``, the tutorial's AlexNet shape.
+Two presets: :meth:`DVBPRConfig` defaults (CNN-F at 224 px, for real data on a GPU) and
+:meth:`DVBPRConfig.demo` (the same layout at 64 px, 1/4 width, no LRN: CPU-sized).
+
+Images come from ``FitInputs.images(item_idx) -> uint8 [b, 3, H, W]`` and are resized in torch
+once. At inference ``phi(X_i)`` of every item is computed once, in item-index order (row ``r``
+of the cache is the image of item ``r``), and scores are matrix products. On CUDA the trainer
+runs the loss under autocast (bf16, or fp16 with a GradScaler) and the CNN uses channels_last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.recsys.data import RecData
+from visrec_pipeline.recsys.samplers import RandomTripleSampler
+from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+
+_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: a neutral, conventional input scaling
+_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------- CNN
+
+
+@dataclass(frozen=True)
+class CNNSpec:
+    conv: tuple[tuple[int, int, int, int, bool], ...]  # (channels, kernel, stride, padding, max-pool after)
+    fc: tuple[int, ...]  # hidden fully connected widths (each: Linear, ReLU, Dropout)
+    lrn_after: tuple[int, ...] = ()  # conv layers followed by local response normalisation
+    dropout: float = 0.5
+    adaptive_pool: tuple[int, int] | None = None  # AlexNet's average pool to 6x6 before the fc layers
+    pool_ceil: bool = True
+
+
+def cnn_spec(
+    architecture: str,
+    *,
+    width_mult: float = 1.0,
+    fc_dim: int | None = None,
+    lrn: bool | None = None,
+    dropout: float = 0.5,
+) -> CNNSpec:
+    """The layer plan of ``cnnf`` (CNN-F, Chatfield et al. 2014, as in DVBPR) or ``alexnet``."""
+
+    def w(c: int) -> int:
+        return max(1, int(round(c * width_mult)))
+
+    if architecture == "cnnf":
+        conv = (
+            (w(64), 11, 4, 0, True),
+            (w(256), 5, 1, 2, True),
+            (w(256), 3, 1, 1, False),
+            (w(256), 3, 1, 1, False),
+            (w(256), 3, 1, 1, True),
+        )
+        fc = fc_dim or 4096
+        return CNNSpec(conv, (fc, fc), (0, 1) if lrn in (None, True) else (), dropout, None, True)
+    if architecture == "alexnet":
+        conv = (
+            (w(64), 11, 4, 2, True),
+            (w(192), 5, 1, 2, True),
+            (w(384), 3, 1, 1, False),
+            (w(256), 3, 1, 1, False),
+            (w(256), 3, 1, 1, True),
+        )
+        fc = fc_dim or 4096
+        return CNNSpec(conv, (fc, fc), (0, 1) if lrn else (), dropout, (6, 6), False)
+    raise ValueError(f"unknown DVBPR architecture {architecture!r}; expected 'cnnf' or 'alexnet'")
+
+
+class ImageCNN(nn.Module):
+    """``phi``: uint8 images ``[b, 3, S, S]`` -> ``[b, K]``."""
+
+    def __init__(self, spec: CNNSpec, input_size: int, out_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for i, (ch, k, s, p, pool) in enumerate(spec.conv):
+            layers += [nn.Conv2d(c, ch, k, s, p), nn.ReLU(inplace=True)]
+            if i in spec.lrn_after:
+                layers.append(nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
+            if pool:
+                layers.append(nn.MaxPool2d(3, 2, ceil_mode=spec.pool_ceil))
+            c = ch
+        if spec.adaptive_pool is not None:
+            layers.append(nn.AdaptiveAvgPool2d(spec.adaptive_pool))
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            try:
+                flat = self.features(torch.zeros(1, 3, input_size, input_size)).numel()
+            except RuntimeError as exc:
+                raise ValueError(f"input_size={input_size} is too small for this CNN ({exc})") from exc
+        head: list[nn.Module] = []
+        d = flat
+        for h in spec.fc:
+            head += [nn.Linear(d, h), nn.ReLU(inplace=True), nn.Dropout(spec.dropout)]
+            d = h
+        head.append(nn.Linear(d, out_dim))
+        self.head = nn.Sequential(*head)
+        self.input_size = int(input_size)
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[b, 3, H, W]`` -> uint8 ``[b, 3, size, size]`` (antialiased bilinear; the store's
+    thumbnails are square already)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_images(image_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Images of item indices ``idx`` through ``FitInputs.images``, checked and resized to ``size``."""
+    imgs = image_fn(idx.cpu())
+    if not isinstance(imgs, torch.Tensor) or imgs.dtype != torch.uint8 or imgs.ndim != 4 or imgs.shape[1] != 3:
+        got = f"{type(imgs).__name__} {getattr(imgs, 'dtype', '')} {tuple(getattr(imgs, 'shape', ()))}"
+        raise ValueError(f"FitInputs.images must return a uint8 tensor [b, 3, H, W]; got {got}")
+    if imgs.shape[0] != idx.shape[0]:
+        raise ValueError(f"FitInputs.images returned {imgs.shape[0]} images for {idx.shape[0]} item indices")
+    return resize_images(imgs, size)
+
+
+# --------------------------------------------------------------------------------------------- module
+
+
+class DVBPRModule(nn.Module):
+    def __init__(self, n_users: int, n_items: int, cnn: ImageCNN, k: int, gamma_dim: int):
+        super().__init__()
+        self.cnn = cnn
+        self.theta = nn.Embedding(n_users, k)
+        self.gamma_user = nn.Embedding(n_users, gamma_dim)
+        self.gamma_item = nn.Embedding(n_items, gamma_dim)
+        for emb in (self.theta, self.gamma_user, self.gamma_item):
+            nn.init.normal_(emb.weight, std=0.1)
+        # the resized images of every item, in item-index order (absent when they do not fit)
+        self.register_buffer("images", None, persistent=False)
+        self.image_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def item_images(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[idx]
+        if self.image_fn is None:
+            raise RuntimeError("DVBPR: no images to train or cache with")
+        return load_images(self.image_fn, idx, self.cnn.input_size).to(idx.device)
+
+    def loss(self, batch: dict[str, torch.Tensor], *, reg: float = 0.0) -> torch.Tensor:
+        user, pos, neg = batch["user"], batch["pos"], batch["neg"]
+        b = pos.shape[0]
+        # each distinct image of the batch goes through the CNN once (same gradients as twice)
+        uniq, inv = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        phi = self.cnn(self.item_images(uniq)).float()
+        theta, g_u = self.theta(user), self.gamma_user(user)
+        g_i, g_j = self.gamma_item(pos), self.gamma_item(neg)
+        x_uij = (theta * (phi[inv[:b]] - phi[inv[b:]])).sum(1) + (g_u * (g_i - g_j)).sum(1)
+        l2 = (theta**2).sum(1) + (g_u**2).sum(1) + (g_i**2).sum(1) + (g_j**2).sum(1)
+        return -F.logsigmoid(x_uij).mean() + reg * l2.mean()
+
+
+class _Loss:
+    def __init__(self, reg: float):
+        self.reg = reg
+
+    def __call__(self, module: DVBPRModule, batch: dict) -> torch.Tensor:
+        return module.loss(batch, reg=self.reg)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+# the CPU-sized preset as plain config values (e.g. a Dagster run config for the demo dataset)
+DEMO_OVERRIDES: dict = {
+    "epochs": 8,
+    "batch_size": 4096,
+    "lr": 1e-2,
+    "weight_decay": 1e-5,
+    "reg": 1e-4,
+    "input_size": 64,
+    "width_mult": 0.25,
+    "fc_dim": 256,
+    "lrn": False,
+    "dropout": 0.2,
+}
+
+
+@dataclass
+class DVBPRConfig:
+    """Defaults: the paper's CNN-F at 224 px with K = 50 (real data, GPU). See :meth:`demo`."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-4  # Adam L2 on the CNN weights
+    reg: float = 1e-3  # L2 on theta_u, gamma_u, gamma_i, gamma_j of each triple
+    patience: int = 3
+    eval_every: int = 1
+    val_max_users: int = 500
+    seed: int = 0
+    device: str = "auto"
+    max_batches_per_epoch: int | None = None
+    amp: str = "auto"
+    k: int = 50  # visual factors (phi's output size)
+    gamma_dim: int = 50  # latent (non-visual) factors; 0 = the paper's purely visual form
+    architecture: str = "cnnf"  # "cnnf" (paper) or "alexnet" (tutorial)
+    input_size: int = 224
+    width_mult: float = 1.0
+    fc_dim: int = 4096
+    lrn: bool = True
+    dropout: float = 0.5
+    image_cache_mb: int = 8192  # keep all resized images in memory when they fit in this budget
+    cache_batch_size: int = 256  # images per CNN pass when building the inference cache
+
+    def __post_init__(self):
+        if self.k < 1 or self.gamma_dim < 0:
+            raise ValueError(f"DVBPRConfig: k must be >= 1 and gamma_dim >= 0 (got {self.k}, {self.gamma_dim})")
+        if self.input_size < 16:
+            raise ValueError(f"DVBPRConfig.input_size must be >= 16, got {self.input_size}")
+        cnn_spec(self.architecture)  # validates the name
+
+    @classmethod
+    def demo(cls, **overrides) -> "DVBPRConfig":
+        """CPU-sized: CNN-F's layout at 64 px, 1/4 of the channels, fc 256, no LRN (LRN costs more
+        than the convolutions at this width); large batches, since a batch of 2 x 4096 images of a
+        1,500-item catalogue holds each distinct image once."""
+        base = cls(**DEMO_OVERRIDES)
+        return replace(base, **overrides)
+
+
+class DVBPR(Recommender):
+    name = "dvbpr"
+    config_cls = DVBPRConfig
+
+    def __init__(self, config: DVBPRConfig | None = None, **kw):
+        super().__init__(config or DVBPRConfig(), **kw)
+        self.module: DVBPRModule | None = None
+        self.phi_cache: torch.Tensor | None = None  # [n_items, K], row r = phi(image of item r)
+
+    def _build(self, n_users: int, n_items: int) -> DVBPRModule:
+        cfg = self.config
+        spec = cnn_spec(
+            cfg.architecture, width_mult=cfg.width_mult, fc_dim=cfg.fc_dim, lrn=cfg.lrn, dropout=cfg.dropout
+        )
+        return DVBPRModule(n_users, n_items, ImageCNN(spec, cfg.input_size, cfg.k), cfg.k, cfg.gamma_dim)
+
+    @staticmethod
+    def _preload(image_fn, n_items: int, size: int, device, chunk: int = 256) -> torch.Tensor:
+        out = torch.empty((n_items, 3, size, size), dtype=torch.uint8)
+        for s in range(0, n_items, chunk):
+            idx = torch.arange(s, min(s + chunk, n_items), dtype=torch.long)
+            out[s : s + idx.numel()] = load_images(image_fn, idx, size)
+        return out.to(device)
+
+    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+        cfg = self.config
+        if inputs.images is None:
+            raise ValueError(f"{self.name} needs the item images (FitInputs.images) but none were given")
+        device = resolve_device(cfg.device)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            module = self._build(data.n_users, data.n_items)
+        if device.type == "cuda":
+            module.cnn.to(memory_format=torch.channels_last)
+        table_mb = data.n_items * 3 * cfg.input_size**2 / 2**20
+        if table_mb <= cfg.image_cache_mb:
+            module.images = self._preload(inputs.images, data.n_items, cfg.input_size, device)
+        else:  # decode per batch (slow; raise image_cache_mb if memory allows)
+            module.image_fn = inputs.images
+        self.module = module.to(device)
+        self.phi_cache = None
+
+        tcfg = train_config(cfg)
+        sampler = RandomTripleSampler(data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size)
+        cnn_params = list(module.cnn.parameters())
+        emb_params = [module.theta.weight, module.gamma_user.weight, module.gamma_item.weight]
+        optimizer = torch.optim.Adam(
+            [{"params": cnn_params, "weight_decay": cfg.weight_decay}, {"params": emb_params, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        validate = None
+        if inputs.validation is not None and len(inputs.validation) > 0:
+            check = make_validator(self, inputs.validation, data.n_items, tcfg)
+
+            def validate() -> float:
+                self.phi_cache = None  # the CNN changed since the last cache
+                return check()
+
+        history = fit_triples(
+            module, sampler.epoch, tcfg, loss_fn=_Loss(cfg.reg), validate=validate, optimizer=optimizer, log=self.log
+        )
+        self.phi_cache = None
+        self.item_cache()  # from the restored best weights
+        history.notes["sampler"] = sampler.summary()
+        history.notes["images"] = {
+            "input_size": cfg.input_size,
+            "in_memory": module.images is not None,
+            "table_mb": round(table_mb, 1),
+        }
+        history.notes["cnn_parameters"] = int(sum(p.numel() for p in cnn_params))
+        return history
+
+    # ------------------------------------------------------------------ inference
+    def _require(self) -> DVBPRModule:
+        if self.module is None:
+            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
+        return self.module
+
+    def _autocast(self, device: torch.device):
+        """The training's mixed precision for the cache pass too (CUDA only; ``amp="off"`` disables)."""
+        amp = self.config.amp
+        if device.type != "cuda" or amp == "off":
+            return torch.autocast(device_type="cpu", enabled=False)
+        bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
+
+    @torch.no_grad()
+    def item_cache(self) -> torch.Tensor:
+        """``phi(X_i)`` of every item in item-index order, built once per CNN weights."""
+        module = self._require()
+        if self.phi_cache is None:
+            was = module.training
+            module.eval()
+            device = module.theta.weight.device
+            n = module.gamma_item.num_embeddings
+            step = max(1, self.config.cache_batch_size)
+            parts = []
+            for s in range(0, n, step):
+                idx = torch.arange(s, min(s + step, n), device=device)
+                with self._autocast(device):
+                    parts.append(module.cnn(module.item_images(idx)).float())
+            module.train(was)
+            self.phi_cache = torch.cat(parts)
+        return self.phi_cache
+
+    @torch.no_grad()
+    def score(self, batch: ScoreBatch) -> torch.Tensor:
+        """``gamma_u . gamma_i + theta_u . phi_i`` for every item; users unknown to training get 0."""
+        module = self._require()
+        phi = self.item_cache()
+        device = phi.device
+        user = batch.user_idx.to(device).long()
+        known = (user >= 0).unsqueeze(1)
+        u = user.clamp(min=0)
+        left = torch.cat([module.theta(u), module.gamma_user(u)], 1)
+        right = torch.cat([phi, module.gamma_item.weight], 1)
+        return torch.where(known, left @ right.T, torch.zeros((), device=device))
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        module = self._require()
+        state = {f"module.{k}": v for k, v in module.state_dict().items()}
+        state["phi_cache"] = self.item_cache()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "module.theta.weight" not in state or "phi_cache" not in state:
+            raise KeyError(f"{self.name}: state lacks the embeddings or the phi cache")
+        n_users = state["module.theta.weight"].shape[0]
+        n_items = state["module.gamma_item.weight"].shape[0]
+        module = self._build(n_users, n_items)
+        module.load_state_dict({k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")})
+        device = resolve_device(self.config.device)
+        self.module = module.to(device).eval()
+        self.phi_cache = state["phi_cache"].float().to(device)
+
+
+# registered here (imported at the end of the registry module, so no import cycle bites)
+from visrec_pipeline.recsys.registry import ModelSpec, register  # noqa: E402
+
+register(
+    ModelSpec(
+        "dvbpr",
+        DVBPR,
+        DVBPRConfig,
+        frozenset({"images", "triples_random"}),
+        "DVBPR (Kang et al. 2017): BPR with a CNN (CNN-F) trained end-to-end from the item images.",
+    )
+)
