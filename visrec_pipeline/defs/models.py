@@ -269,17 +269,18 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
             model, data, _inputs, _ckpt = load_trained(settings, name)
             items_idx, scores = top_k(model.score, data.holdout, len(data.items), config.k)
             m, k = items_idx.shape
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "model": name,
-                        "user_id": np.repeat(data.holdout.user_ids, k),
-                        "rank": np.tile(np.arange(1, k + 1), m),
-                        "item_id": data.items.ids[items_idx.reshape(-1)],
-                        "score": scores.reshape(-1).astype(np.float64),
-                    }
-                )
+            flat = items_idx.reshape(-1)
+            valid = flat >= 0  # rows with fewer than k candidates are padded with -1
+            frame = pd.DataFrame(
+                {
+                    "model": name,
+                    "user_id": np.repeat(data.holdout.user_ids, k),
+                    "rank": np.tile(np.arange(1, k + 1), m),
+                    "item_id": data.items.ids[np.where(valid, flat, 0)],
+                    "score": scores.reshape(-1).astype(np.float64),
+                }
             )
+            frames.append(frame[valid])
         recs = pd.concat(frames, ignore_index=True)
         with duckdb.get_connection() as conn:
             db.run_script(conn, "recommendations_table")
