@@ -31,6 +31,18 @@ def all_assets_job():
     return defs.resolve_job_def(ALL_ASSETS_JOB)
 
 
+def demo_run_config(on_gpu: bool) -> dict:
+    """Op config for a CPU demo run: DVBPR's small CPU preset and epoch caps that keep the
+    whole demo within minutes. On a GPU (or your own data) the models' own defaults apply."""
+    if on_gpu:
+        return {}
+    from visrec_pipeline.recsys.models.dvbpr import DEMO_OVERRIDES
+
+    caps = {"model_dvbpr": dict(DEMO_OVERRIDES), "model_vbpr": {"epochs": 15}, "model_bpr_mf": {"epochs": 20},
+            "model_acf": {"epochs": 8}, "model_curatornet": {"epochs": 6}, "model_curatornet_random": {"epochs": 6}}
+    return {"ops": {op: {"config": cfg} for op, cfg in caps.items()}}
+
+
 def run_demo(in_process: bool = False) -> int:
     import dagster as dg
 
@@ -40,7 +52,11 @@ def run_demo(in_process: bool = False) -> int:
     ws = Workspace.from_env()
     print(f"visrec-pipeline: dataset={ws.dataset!r} data_dir={ws.data_dir} DAGSTER_HOME={home}", flush=True)
     started = time.perf_counter()
-    run_config = {"execution": {"config": {"in_process": {}}}} if in_process else None
+    import torch
+
+    run_config: dict = {"execution": {"config": {"in_process": {}}}} if in_process else {}
+    if ws.is_demo:
+        run_config.update(demo_run_config(torch.cuda.is_available()))
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(
             dg.reconstructable(all_assets_job), instance=instance, run_config=run_config, raise_on_error=False
