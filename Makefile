@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+# resolved when a recipe runs, so a uv installed by `make uv` is found
+UV = $$(command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export VISREC_DATA_DIR ?= $(CURDIR)/data
 export VISREC_DATASET ?= demo
@@ -18,7 +19,7 @@ help:
 	@echo "make bench  run the benchmarks in bench/"
 
 uv:
-	@command -v uv >/dev/null 2>&1 || test -x "$(UV)" || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+	@command -v uv >/dev/null 2>&1 || test -x "$(HOME)/.local/bin/uv" || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
 
 install: uv
 	@$(UV) sync --frozen --quiet
