@@ -20,6 +20,7 @@ class BenchmarkReportConfig(dg.Config):
     plot_metrics: list[str] = ["auc", "ndcg@20", "recall@100"]
     grid_users: int = 3
     grid_model: str = ""  # empty: the model with the best nDCG@20
+    attention_users: int = 3  # users in the ACF attention panel (0: no panel)
 
 
 def _md_png(png: bytes, alt: str) -> str:
@@ -68,6 +69,18 @@ def benchmark_report(
     if warning:
         header += warning + "\n\n"
     report_md = header + table_md + "\n"
+    attention_md = ""
+    if config.attention_users > 0:
+        # after the connection above is closed: loading the model opens its own
+        attention_note, attention_png = _acf_attention(settings, config.attention_users)
+        if attention_png is not None:
+            with atomic_path(ws.reports_dir / ACF_ATTENTION_FILE, suffix=".png") as tmp:
+                tmp.write_bytes(attention_png)
+            report_md += f"\n## ACF attention\n\n{attention_note}\n\n![ACF attention]({ACF_ATTENTION_FILE})\n"
+            attention_md = attention_note + "\n\n" + _md_png(attention_png, "ACF attention")
+        else:
+            report_md += f"\n## ACF attention\n\n{attention_note}\n"
+            attention_md = attention_note
     plots_md = []
     for metric in config.plot_metrics:
         sub = rows[rows["metric"] == metric]
@@ -90,7 +103,63 @@ def benchmark_report(
         metadata["metric_by_profile_size"] = dg.MetadataValue.md("\n\n".join(plots_md))
     if grid_md:
         metadata["recommendation_grids"] = dg.MetadataValue.md(grid_md)
+    if attention_md:
+        metadata["acf_attention"] = dg.MetadataValue.md(attention_md)
     return dg.MaterializeResult(metadata=metadata)
+
+
+ACF_ATTENTION_FILE = "acf_attention.png"
+
+
+def _acf_attention(settings: VisrecSettings, n_users: int) -> tuple[str, bytes | None]:
+    """(explanation, PNG) of ACF's attentions for a few holdout users; the PNG is None (and the
+    explanation says why) when ACF has no trained checkpoint."""
+    from PIL import Image
+
+    from visrec_pipeline.defs.models import checkpoint_path, load_trained
+    from visrec_pipeline.embeddings.backbones import get_backbone
+    from visrec_pipeline.model_io import FEATURE_BACKBONE, item_image_paths
+    from visrec_pipeline.reporting.attention import attention_panel_png, explain_rows
+
+    if "acf" not in MODEL_SPECS or not checkpoint_path(settings, "acf").exists():
+        return "ACF is not trained in this workspace: no attention panel.", None
+    model, data, _inputs, _ckpt = load_trained(settings, "acf")
+    holdout = data.holdout
+    if holdout is None or len(holdout) == 0:
+        return "No holdout rows: no ACF attention panel.", None
+    ws = settings.workspace
+    # candidates: the longest profiles (more items to rank by attention); users whose top-1 is a hit first
+    sizes = holdout.profile.lengths()
+    candidates = np.lexsort((np.arange(sizes.size), -sizes))[:64]
+    rows = explain_rows(model, holdout, candidates, user_labels=[f"user {u}" for u in holdout.user_ids[candidates]])
+    rows = sorted(rows, key=lambda r: not r.top_hit)[:n_users]
+    if not rows:
+        return "ACF had nothing to recommend to the sampled holdout users: no attention panel.", None
+    with db.connect(ws.db_path) as conn:
+        paths = item_image_paths(conn, ws, data.items)
+    blank = Image.new("RGB", (256, 256), (200, 200, 200))
+
+    def image_of(i: int):
+        p = paths[i]
+        return Image.open(p).convert("RGB") if p is not None else blank
+
+    transforms = get_backbone(FEATURE_BACKBONE).transforms()
+    # the CNN saw the centre crop of the resized thumbnail: the region grid covers that part only
+    crop_fraction = float(transforms.crop_size[0]) / float(transforms.resize_size[0])
+    png = attention_panel_png(
+        rows, image_of, item_label=lambda i: str(int(data.items.ids[i])), crop_fraction=crop_fraction
+    )
+    note = (
+        f"ACF's attentions for {len(rows)} holdout users. Each row: the top-1 recommendation (outlined: green "
+        "when it is a held-out item, blue otherwise), then the user's profile items ranked by ACF's item-level "
+        "attention `a` (in the caption; it sums to 1 over the most recent "
+        f"{model.config.max_profile_len} profile items). The heat map on each *profile* thumbnail is ACF's "
+        "component attention over the 7x7 ResNet-50 `layer4` regions of that profile image, scaled per image "
+        "(red: the regions that shaped the user's vector most; `xk` in the caption: the hottest region weighs k "
+        "times the uniform 1/49); the recommended item has no heat map, as ACF never attends over the "
+        "candidate's regions."
+    )
+    return note, png
 
 
 def _recommendation_grids(conn, ws, summary: pd.DataFrame, config: BenchmarkReportConfig) -> str:
