@@ -88,8 +88,9 @@ def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConn
 
 
 def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+    # fetchall, not fetchone: DuckDB refuses e.g. register() while a result is unfinished
     return bool(
         conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )

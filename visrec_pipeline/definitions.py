@@ -47,7 +47,8 @@ def _module_defs() -> list[dg.Definitions]:
 
 ALL_ASSETS_JOB = dg.define_asset_job(
     "visrec_all",
-    selection=dg.AssetSelection.all(),
+    # one job has one partitions definition: the per-batch partitioned assets run on their own
+    selection=dg.AssetSelection.all() - dg.AssetSelection.tag("visrec/partitioned", "batch"),
     description="Materialize the whole pipeline: ingest, images, features, training data, models, evaluation, report.",
 )
 

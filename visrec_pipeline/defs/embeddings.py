@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from visrec_pipeline import db
+from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.embeddings import preview, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
@@ -94,6 +95,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         description=f"{spec.name} features (torchvision, {spec.weights}) of every ok thumbnail: pooled `{spec.pooled_node}` "
         f"float32{spatial_text}. Only new or changed images are computed; rows live in `embedding_index`.",
         kinds={"pytorch", "duckdb"},
+        automation_condition=data_side(),
     )
     def _asset(
         context: dg.AssetExecutionContext, config: EmbeddingConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
@@ -255,6 +257,7 @@ class ClusterConfig(dg.Config):
     description=f"k-means (k-means++ init, Lloyd) over L2-normalised pooled {CLUSTER_BACKBONE} features; the "
     "stand-in for 'artist' in CuratorNet's guidelines when an item has no creator. Table `visual_clusters`.",
     kinds={"pytorch", "duckdb"},
+    automation_condition=data_side(),
 )
 def visual_clusters(
     context: dg.AssetExecutionContext, config: ClusterConfig, settings: VisrecSettings, duckdb: VisrecDuckDB

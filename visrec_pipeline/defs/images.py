@@ -25,6 +25,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from visrec_pipeline import db
+from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.images.commons import (
     DEFAULT_API_URL,
@@ -151,6 +152,7 @@ def _grid_markdown(store: ImageStore, examples: list[tuple[int, str]]) -> str | 
     pool=DUCKDB_POOL,
     code_version=CODE_VERSION,
     kinds={"duckdb", "python"},
+    automation_condition=data_side(),
     description="Every catalogued item's image (dataset folder or Wikimedia Commons) validated, turned into a "
     "256x256 JPEG thumbnail and stored content-addressed under images/; table item_images records status and "
     "reason per item. Only items not yet attempted are processed; chunks are committed as they finish.",

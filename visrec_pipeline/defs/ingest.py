@@ -12,6 +12,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.ingest import (
     INITIAL_BATCH,
@@ -21,7 +22,6 @@ from visrec_pipeline.ingest import (
     build_interactions,
     build_split,
     find_interactions_file,
-    read_dataset_items,
     read_interactions,
     write_batch,
 )
@@ -35,11 +35,14 @@ from visrec_pipeline.ingest.checks import (
 )
 from visrec_pipeline.ingest.derive import fingerprint
 from visrec_pipeline.ingest.errors import DatasetFolderError
-from visrec_pipeline.ingest.store import raw_counts
+from visrec_pipeline.ingest.incoming import read_catalog_items
+from visrec_pipeline.ingest.store import catalog_item_count, raw_counts
 from visrec_pipeline.ingest.summary import distribution_markdown, markdown_table
 
 GROUP = "ingest"
 CODE_VERSION = "1"
+# Later batches (incoming/, one partition per file) feed interactions next to the initial file.
+INCOMING = dg.AssetKey("incoming_interactions")
 _SHOWN_PROBLEMS = 20
 
 QUARANTINE_HINT = (
@@ -99,6 +102,7 @@ class RawInteractionsConfig(dg.Config):
     pool=DUCKDB_POOL,
     code_version=CODE_VERSION,
     kinds={"duckdb"},
+    automation_condition=data_side(),
     check_specs=_check_specs("raw_interactions"),
     description="The dataset's interactions file (interactions.csv or .parquet: user_id, item_id, timestamp"
     "[, evaluation]) validated and loaded as batch 'initial' of the table raw_interactions; re-running replaces "
@@ -156,12 +160,14 @@ def raw_interactions(
 
 @dg.asset(
     group_name=GROUP,
-    deps=[raw_interactions],
+    deps=[raw_interactions, INCOMING],
     pool=DUCKDB_POOL,
     code_version=CODE_VERSION,
     kinds={"duckdb"},
+    automation_condition=data_side(),
     check_specs=_check_specs("interactions"),
-    description="One row per (user_id, item_id) from every batch of raw_interactions: the latest timestamp "
+    description="One row per (user_id, item_id) from every batch of raw_interactions (the initial file and "
+    "every incoming batch): the latest timestamp "
     "wins (ties: the later batch, then the later line); the evaluation flag of the kept row is carried.",
 )
 def interactions(context: dg.AssetExecutionContext, duckdb: VisrecDuckDB) -> dg.MaterializeResult:
@@ -195,18 +201,20 @@ def interactions(context: dg.AssetExecutionContext, duckdb: VisrecDuckDB) -> dg.
     pool=DUCKDB_POOL,
     code_version=CODE_VERSION,
     kinds={"duckdb"},
+    automation_condition=data_side(),
     check_specs=_check_specs("item_catalog"),
     description="One row per item with interactions: title, creator and URL from the dataset's items.csv "
-    "when listed there (NULL otherwise), and first_seen, the item's earliest interaction (unix seconds).",
+    "or an incoming/<batch>_items.csv when listed there (NULL otherwise), and first_seen, the item's earliest interaction (unix seconds).",
 )
 def item_catalog(
     context: dg.AssetExecutionContext, settings: VisrecSettings, duckdb: VisrecDuckDB
 ) -> dg.MaterializeResult:
     try:
-        items = read_dataset_items(settings.workspace.dataset_dir)
+        items, items_files = read_catalog_items(settings.workspace.dataset_dir)
     except InputFileError as exc:
         raise _input_failure(exc) from exc
     with duckdb.get_connection() as conn:
+        before = catalog_item_count(conn)
         stats = build_catalog(conn, items)
         outcomes = catalog_checks(conn)
         version = fingerprint(conn, "item_catalog")
@@ -218,6 +226,8 @@ def item_catalog(
             "with_url": int(stats["with_url"]),
             "creators": int(stats["creators"]),
             "items_csv": "present" if stats["items_csv"] else "absent",
+            "new_items": int(stats["items"]) - before,
+            "items_files": ", ".join(items_files) or "none",
             "items_csv_rows": int(stats["items_csv_rows"]),
             "items_csv_rows_ignored (no interactions)": int(stats["items_csv_without_interactions"]),
             "items_without_metadata": int(stats["items_not_in_items_csv"]),
@@ -244,6 +254,7 @@ class SplitConfig(dg.Config):
     pool=DUCKDB_POOL,
     code_version=CODE_VERSION,
     kinds={"duckdb"},
+    automation_condition=data_side(),
     check_specs=_check_specs("split"),
     description="The per-user last-N holdout of shared/spec/evaluation.md: split_train(user_id, item_id, ts) and "
     "split_holdout(user_id, profile, predict). An evaluation column in the input is used as-is unless "

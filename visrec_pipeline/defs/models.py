@@ -18,8 +18,10 @@ import pandas as pd
 import pydantic
 
 from visrec_pipeline import db
+from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.lineage import training_lineage
 from visrec_pipeline.model_io import build_inputs, data_versions, load_rec_data
 from visrec_pipeline.recsys.registry import MODEL_SPECS, ModelSpec, build_model
 from visrec_pipeline.reporting.plots import training_curves_png
@@ -98,6 +100,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
         kinds={"pytorch"},
+        automation_condition=model_cadence(),
         description=f"{spec.description} Trained on the split's training rows; checkpoint under models/{name}/.",
     )
     def model_asset(
@@ -110,6 +113,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
             data = load_rec_data(conn)
             versions = data_versions(conn)
             provenance = _feature_provenance(conn, spec)
+            lineage = training_lineage(conn, spec.needs)
         fit_data, validation = data.validation_split()
         inputs = build_inputs(ws, spec.needs, fit_data)
         inputs.validation = validation
@@ -127,13 +131,15 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
             state=model.state_dict(),
             data_versions={**versions, **{k: str(v) for k, v in provenance.items()}},
             history=dataclasses.asdict(history),
-            extra={"train_seconds": train_seconds},
+            extra={"train_seconds": train_seconds, "lineage": lineage},
         )
         metadata = {
             "train_seconds": dg.MetadataValue.float(round(train_seconds, 3)),
             "checkpoint": dg.MetadataValue.path(str(path)),
             "config": dg.MetadataValue.json(model_config),
             "data_versions": dg.MetadataValue.json(versions),
+            "lineage": dg.MetadataValue.json(lineage),
+            "partitions_used": dg.MetadataValue.json(lineage["partitions"]),
             "n_users": len(data.users),
             "n_items": len(data.items),
             "n_train_rows": int(fit_data.train.nnz),
@@ -157,6 +163,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         deps=[dg.AssetKey(f"model_{name}"), dg.AssetKey("split")],
         pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
+        automation_condition=follows_models(),
         description=f"Full-ranking evaluation of {name}: AUC, RR, R@k, P@k, nDCG@k per holdout row and means.",
     )
     def evaluation_asset(
@@ -187,6 +194,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
             "eval_seconds": round(eval_seconds, 3),
             "metrics": dg.MetadataValue.md(table.to_markdown(floatfmt=".5f")),
             "trained_on": dg.MetadataValue.json(ckpt.get("data_versions", {})),
+            "lineage": dg.MetadataValue.json(ckpt.get("extra", {}).get("lineage", {})),
         }
         for key, value in result.means.items():
             if isinstance(value, (int, float)) and np.isfinite(value):
@@ -257,6 +265,7 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
         deps=[dg.AssetKey(f"model_{n}") for n in model_names],
         pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
+        automation_condition=follows_models(),
         description="Top-k items per holdout user for every model (consumed items excluded), ready for an application.",
     )
     def recommendations(

@@ -9,6 +9,7 @@ import pandas as pd
 
 from visrec_pipeline import db
 from visrec_pipeline.atomic import atomic_path
+from visrec_pipeline.defs.automation import follows_evaluations
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.reporting.benchmark import benchmark_table, table_markdown
@@ -45,6 +46,7 @@ def _weights_warning(conn) -> str | None:
     deps=[dg.AssetKey(f"evaluation_{n}") for n in MODEL_SPECS] + [dg.AssetKey("recommendations")],
     pool=DUCKDB_POOL,
     code_version="1",
+    automation_condition=follows_evaluations(),
     description="Every evaluated model side by side (the tutorial's table), metric-by-profile-size plots and "
     "image grids of consumed / recommended / ground-truth items. Also written to reports/benchmark.md.",
 )

@@ -8,6 +8,7 @@ import pandas as pd
 import pydantic
 
 from visrec_pipeline import db
+from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data, save_guided_triples
@@ -24,6 +25,7 @@ class RandomTriplesConfig(dg.Config):
     deps=[dg.AssetKey("split"), dg.AssetKey("item_catalog")],
     pool=DUCKDB_POOL,
     code_version="1",
+    automation_condition=data_side(),
     description="Uniform BPR triples (user, positive from the user's training items, negative drawn uniformly "
     "outside them). Drawn afresh every epoch in torch by the trainer, never written out; this asset records the "
     "sampler's seed and counts for lineage.",
@@ -63,6 +65,7 @@ GuidedTriplesConfig = config_class_for(GuidedSamplerConfig, "GuidedTriplesConfig
     deps=[dg.AssetKey(k) for k in ("split", "item_catalog", f"embeddings_{FEATURE_BACKBONE}", "visual_clusters")],
     pool=DUCKDB_POOL,
     code_version="1",
+    automation_condition=data_side(),
     description="CuratorNet's six guideline triples (creator, else visual cluster, as the artist; hybrid "
     "visual+creator similarity with a margin; duplicates dropped by hashing), from the training rows minus the "
     "validation rows, stored under triples/guided.npz.",

@@ -95,3 +95,10 @@ def batches_summary(conn: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 def raw_counts(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return {k: int(v) for k, v in query_one(conn, "ingest_counts").items()}
+
+
+def catalog_item_count(conn: duckdb.DuckDBPyConnection) -> int:
+    """Items in ``item_catalog`` now (0 before its first build): the catalogue's growth per refresh."""
+    if not db.table_exists(conn, "item_catalog"):
+        return 0
+    return int(conn.execute("SELECT count(*) FROM item_catalog").fetchall()[0][0])
