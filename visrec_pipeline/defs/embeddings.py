@@ -14,7 +14,7 @@ from pydantic import Field
 
 from visrec_pipeline import db
 from visrec_pipeline.defs.automation import data_side
-from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.embeddings import preview, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
 from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_device
@@ -90,7 +90,6 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         name=f"embeddings_{spec.name}",
         deps=[dg.AssetKey("item_images")],
         group_name="features",
-        pool=DUCKDB_POOL,
         code_version=f"{EMBEDDINGS_CODE_VERSION}:{spec.pooled_node}:{spec.spatial_node}:{spec.weights}",
         description=f"{spec.name} features (torchvision, {spec.weights}) of every ok thumbnail: pooled `{spec.pooled_node}` "
         f"float32{spatial_text}. Only new or changed images are computed; rows live in `embedding_index`.",
@@ -218,7 +217,6 @@ def embedding_coverage_check(asset: dg.AssetsDefinition, spec: BackboneSpec) -> 
     @dg.asset_check(
         asset=asset,
         name="features_cover_ok_images",
-        pool=DUCKDB_POOL,
         description="Every ok image has current features whose shard files exist.",
     )
     def _check(settings: VisrecSettings, duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
@@ -252,7 +250,6 @@ class ClusterConfig(dg.Config):
 @dg.asset(
     deps=[dg.AssetKey(f"embeddings_{CLUSTER_BACKBONE}")],
     group_name="features",
-    pool=DUCKDB_POOL,
     code_version="1",
     description=f"k-means (k-means++ init, Lloyd) over L2-normalised pooled {CLUSTER_BACKBONE} features; the "
     "stand-in for 'artist' in CuratorNet's guidelines when an item has no creator. Table `visual_clusters`.",

@@ -20,7 +20,7 @@ import pydantic
 from visrec_pipeline import db
 from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
-from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.lineage import training_lineage
 from visrec_pipeline.model_io import build_inputs, data_versions, load_rec_data
 from visrec_pipeline.recsys.registry import MODEL_SPECS, ModelSpec, build_model
@@ -97,7 +97,6 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         name=f"model_{name}",
         group_name=MODELS_GROUP,
         deps=upstream_keys(spec),
-        pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
         kinds={"pytorch"},
         automation_condition=model_cadence(),
@@ -161,7 +160,6 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         name=f"evaluation_{name}",
         group_name=EVALUATION_GROUP,
         deps=[dg.AssetKey(f"model_{name}"), dg.AssetKey("split")],
-        pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
         automation_condition=follows_models(),
         description=f"Full-ranking evaluation of {name}: AUC, RR, R@k, P@k, nDCG@k per holdout row and means.",
@@ -263,7 +261,6 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
         name="recommendations",
         group_name=EVALUATION_GROUP,
         deps=[dg.AssetKey(f"model_{n}") for n in model_names],
-        pool=DUCKDB_POOL,
         code_version=CODE_VERSION,
         automation_condition=follows_models(),
         description="Top-k items per holdout user for every model (consumed items excluded), ready for an application.",

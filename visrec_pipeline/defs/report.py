@@ -10,7 +10,7 @@ import pandas as pd
 from visrec_pipeline import db
 from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.defs.automation import follows_evaluations
-from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.reporting.benchmark import benchmark_table, table_markdown
 from visrec_pipeline.reporting.plots import metric_by_profile_size_png
@@ -44,7 +44,6 @@ def _weights_warning(conn) -> str | None:
 @dg.asset(
     group_name="reports",
     deps=[dg.AssetKey(f"evaluation_{n}") for n in MODEL_SPECS] + [dg.AssetKey("recommendations")],
-    pool=DUCKDB_POOL,
     code_version="1",
     automation_condition=follows_evaluations(),
     description="Every evaluated model side by side (the tutorial's table), metric-by-profile-size plots and "

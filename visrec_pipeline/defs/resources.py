@@ -13,8 +13,9 @@ from pydantic import Field
 from visrec_pipeline import db
 from visrec_pipeline.paths import Workspace, env_data_dir, env_dataset
 
-# Every asset that opens the database declares this pool; dagster_home/dagster.yaml
-# limits it to one step at a time across all runs.
+# Bulk writers (ingest, images) declare this pool; dagster_home/dagster.yaml limits it to
+# one step at a time across all runs. Every other step holds the file only briefly and
+# waits out a lock in VisrecDuckDB.get_connection (see docs/DESIGN.md, "One writer").
 DUCKDB_POOL = "duckdb"
 
 

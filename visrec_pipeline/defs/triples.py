@@ -9,7 +9,7 @@ import pydantic
 
 from visrec_pipeline import db
 from visrec_pipeline.defs.automation import data_side
-from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data, save_guided_triples
 from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, build_guided_triples
@@ -23,7 +23,6 @@ class RandomTriplesConfig(dg.Config):
 @dg.asset(
     group_name="training_data",
     deps=[dg.AssetKey("split"), dg.AssetKey("item_catalog")],
-    pool=DUCKDB_POOL,
     code_version="1",
     automation_condition=data_side(),
     description="Uniform BPR triples (user, positive from the user's training items, negative drawn uniformly "
@@ -63,7 +62,6 @@ GuidedTriplesConfig = config_class_for(GuidedSamplerConfig, "GuidedTriplesConfig
 @dg.asset(
     group_name="training_data",
     deps=[dg.AssetKey(k) for k in ("split", "item_catalog", f"embeddings_{FEATURE_BACKBONE}", "visual_clusters")],
-    pool=DUCKDB_POOL,
     code_version="1",
     automation_condition=data_side(),
     description="CuratorNet's six guideline triples (creator, else visual cluster, as the artist; hybrid "
