@@ -19,8 +19,8 @@ from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.demo.generate import generate_demo_dataset
 from visrec_pipeline.paths import Workspace
 
-# 80 items, 20 users, ~300 interactions; batch_001 has 11 rows using 1 of its 3 new items
-DEMO = dict(n_items=80, n_users=20, target_interactions=300, seed=1)
+# 50 items, 12 users, ~120 interactions; batch_001 has 9 rows using 2 of its 3 new items
+DEMO = dict(n_items=50, n_users=12, target_interactions=120, seed=3)
 MODELS = ("most_popular", "vbpr", "curatornet")
 DATA_SIDE = (
     "interactions",
@@ -69,7 +69,7 @@ def env(tmp_path):
         "commons": CommonsImageSource(),
     }
     defs = build_definitions(resources)
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         yield ws, defs, resources, instance, summary
 
 
@@ -192,3 +192,108 @@ def test_later_batch_refreshes_only_the_delta(env):
     )
     assert _requested(auto) == set()
     assert _query(ws, "SELECT count(*) FROM raw_interactions")[0][0] == rows_before + n_new_rows
+
+
+# ---------------------------------------------------------------- rejection, idempotence, pauses
+
+ROWS = "user_id,item_id,timestamp\n" + "".join(f"{u},{10 + (u * 3 + k) % 7},{100 + 10 * k + u}\n" for u in range(1, 7) for k in range(4))
+GOOD = "user_id,item_id,timestamp\n1,20,900\n7,10,910\n7,11,920\n"
+BAD = "user_id,item_id,timestamp\n8,10,930\n8,11,yesterday\n"
+INGEST = ("interactions", "item_catalog", "split")
+
+
+def _ingest_defs(ws):
+    from visrec_pipeline.defs.incoming import incoming_interactions
+    from visrec_pipeline.defs.ingest import INGEST_ASSETS
+    from visrec_pipeline.defs.models import MODEL_ASSETS
+
+    (most_popular,) = [m for m, _e in MODEL_ASSETS if m.key.to_user_string() == "model_most_popular"]
+    resources = {
+        "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
+        "duckdb": VisrecDuckDB(database=str(ws.db_path)),
+    }
+    return dg.Definitions(assets=[*INGEST_ASSETS, incoming_interactions, most_popular], resources=resources), resources
+
+
+def _deliver(ws, name, text):
+    ws.incoming_dir.mkdir(parents=True, exist_ok=True)
+    (ws.incoming_dir / name).write_text(text)
+
+
+def test_malformed_batch_is_rejected_whole_and_a_batch_is_written_once(workspace, make_dataset):
+    make_dataset(workspace.dataset_dir, ROWS, image_items=[])
+    defs, resources = _ingest_defs(workspace)
+    with dg.DagsterInstance.ephemeral() as instance:
+        _run(defs, resources, instance, ["raw_interactions", *INGEST])
+        _deliver(workspace, "good.csv", GOOD)
+        _deliver(workspace, "bad.csv", BAD)
+        tick = _tick(defs, instance, resources)
+        keys = {r.tags["visrec/source_file"]: r.partition_key for r in tick.run_requests}
+        assert set(keys) == {"incoming/good.csv", "incoming/bad.csv"}
+        _apply_partitions(instance, tick)
+
+        first = _run(defs, resources, instance, [INCOMING_ASSET], partition_key=keys["incoming/good.csv"])
+        second = _run(defs, resources, instance, [INCOMING_ASSET], partition_key=keys["incoming/good.csv"])
+        before = _query(workspace, "SELECT * FROM raw_interactions ORDER BY batch_id, source_line")
+        assert _query(workspace, "SELECT count(*) FROM raw_interactions WHERE source_file = 'incoming/good.csv'") == [(3,)]
+        (a,) = first.asset_materializations_for_node(INCOMING_ASSET)
+        (b,) = second.asset_materializations_for_node(INCOMING_ASSET)
+        assert a.tags["dagster/data_version"] == b.tags["dagster/data_version"]
+
+        bad = dg.materialize(
+            list(defs.assets),
+            selection=[INCOMING_ASSET],
+            resources=resources,
+            instance=instance,
+            partition_key=keys["incoming/bad.csv"],
+            raise_on_error=False,
+        )
+        assert not bad.success
+        (event,) = bad.get_step_failure_events()
+        message = event.event_specific_data.user_failure_data.description
+        assert "batch incoming/bad.csv rejected whole" in message
+        assert "incoming/bad.csv line 3, column 'timestamp': 'yesterday'" in message
+        # nothing of the bad file was written, the earlier batches are as they were
+        assert _query(workspace, "SELECT * FROM raw_interactions ORDER BY batch_id, source_line") == before
+        assert _query(workspace, "SELECT count(*) FROM ingest_batches WHERE source_file = 'incoming/bad.csv'") == [(0,)]
+
+
+def test_resuming_after_a_pause_requests_each_asset_once(workspace, make_dataset, monkeypatch):
+    from visrec_pipeline.defs.refresh import refresh_due
+
+    monkeypatch.setenv("VISREC_MAX_BATCHES_PER_TICK", "2")
+    make_dataset(workspace.dataset_dir, ROWS, image_items=[])
+    defs, resources = _ingest_defs(workspace)
+    selection = dg.AssetSelection.assets(*INGEST, "model_most_popular")
+    with dg.DagsterInstance.ephemeral() as instance:
+        _run(defs, resources, instance, ["raw_interactions", *INGEST, "model_most_popular"])
+        now = dt.datetime.now(dt.timezone.utc)
+        auto = dg.evaluate_automation_conditions(defs, instance, asset_selection=selection, evaluation_time=now)
+        assert auto.total_requested == 0
+        assert not refresh_due(instance)  # the schedule skips
+
+        # while automation is paused, three batches arrive; the sensor takes at most two per tick
+        for i in range(3):
+            _deliver(workspace, f"b{i}.csv", f"user_id,item_id,timestamp\n{20 + i},{10 + i},{1000 + i}\n")
+        tick = _tick(defs, instance, resources)
+        assert len(tick.run_requests) == 2
+        _apply_partitions(instance, tick)
+        tick2 = _tick(defs, instance, resources, cursor=tick.cursor)
+        assert len(tick2.run_requests) == 1
+        _apply_partitions(instance, tick2)
+        assert not _tick(defs, instance, resources, cursor=tick2.cursor).run_requests
+        for r in [*tick.run_requests, *tick2.run_requests]:
+            _run(defs, resources, instance, [INCOMING_ASSET], partition_key=r.partition_key)
+        assert refresh_due(instance)  # the schedule would run visrec_refresh now
+
+        # resumed three days (three cron ticks) later: one request per asset, not one per batch or tick
+        auto = dg.evaluate_automation_conditions(
+            defs, instance, asset_selection=selection, evaluation_time=now + dt.timedelta(days=3), cursor=auto.cursor
+        )
+        assert {k: auto.get_num_requested(dg.AssetKey(k)) for k in (*INGEST, "model_most_popular")} == {
+            "interactions": 1,
+            "item_catalog": 1,
+            "split": 1,
+            "model_most_popular": 1,
+        }
+        assert auto.total_requested == 4

@@ -127,12 +127,16 @@ def incoming_files_sensor(context: dg.SensorEvaluationContext, settings: VisrecS
     "batch was ingested since the data side last ran; skips otherwise.",
 )
 def visrec_refresh_schedule(context: dg.ScheduleEvaluationContext):
-    instance = context.instance
-    batch = instance.get_latest_materialization_event(dg.AssetKey(INCOMING_ASSET))
-    done = instance.get_latest_materialization_event(dg.AssetKey("interactions"))
-    if batch is None or (done is not None and done.timestamp >= batch.timestamp):
+    if not refresh_due(context.instance):
         return dg.SkipReason("no batch ingested since the data side last ran")
     return dg.RunRequest(run_key=f"refresh-{context.scheduled_execution_time.isoformat()}")
+
+
+def refresh_due(instance: dg.DagsterInstance) -> bool:
+    """A batch was ingested after the data side (``interactions``) last ran."""
+    batch = instance.get_latest_materialization_event(dg.AssetKey(INCOMING_ASSET))
+    done = instance.get_latest_materialization_event(dg.AssetKey("interactions"))
+    return batch is not None and (done is None or batch.timestamp > done.timestamp)
 
 
 visrec_automation = dg.AutomationConditionSensorDefinition(
