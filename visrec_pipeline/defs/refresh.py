@@ -16,6 +16,7 @@ import os
 
 import dagster as dg
 
+from visrec_pipeline.defs.commons_poll import defs as commons_poll_defs
 from visrec_pipeline.defs.incoming import BATCHES, INCOMING_ASSET, PARTITIONED_TAG, defs as incoming_defs
 from visrec_pipeline.defs.incoming import incoming_interactions
 from visrec_pipeline.defs.resources import VisrecSettings
@@ -150,6 +151,7 @@ visrec_automation = dg.AutomationConditionSensorDefinition(
 
 defs = dg.Definitions.merge(
     incoming_defs,
+    commons_poll_defs,
     dg.Definitions(
         jobs=[ingest_batch_job, refresh_job],
         sensors=[incoming_files_sensor, visrec_automation],

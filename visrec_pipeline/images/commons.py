@@ -338,6 +338,11 @@ class CommonsClient:
             return self._call("POST", url, read, data=params)
         return self._call("GET", url, read, params=params)
 
+    def query(self, params: dict[str, str]) -> dict:
+        """One Action API request (``format=json``, ``formatversion=2``, ``maxlag`` added) with the
+        client's retries, size cap and error handling; for lists other modules page through."""
+        return self._api(params)
+
     def image_info(self, titles: Iterable[str]) -> dict[str, ImageInfo | MissingFile]:
         """``imageinfo`` for every title, keyed by the title as given.
 
