@@ -11,6 +11,7 @@ partition replaces that batch in ``raw_interactions`` (never duplicates it).
 # No ``from __future__ import annotations``: Dagster resolves the annotations at definition time.
 
 import dagster as dg
+import pyarrow.compute as pc
 
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.ingest import InputFileError, batches_summary, read_interactions, write_batch
@@ -78,8 +79,8 @@ def incoming_interactions(
             "source_file": dg.MetadataValue.path(str(found.path)),
             "sha256": batch.sha256,
             "rows_loaded": batch.n_rows,
-            "users": len(set(batch.rows.column("user_id").to_pylist())),
-            "items": len(set(batch.rows.column("item_id").to_pylist())),
+            "users": pc.count_distinct(batch.rows.column("user_id")).as_py(),
+            "items": pc.count_distinct(batch.rows.column("item_id")).as_py(),
             "items_file": f"incoming/{items_file.name}" if items_file.is_file() else "none",
             "has_evaluation_column": batch.has_evaluation,
             "batches": len(batches),
