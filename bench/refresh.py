@@ -151,7 +151,8 @@ def main() -> None:
             flush=True,
         )
         new_items = _meta(refresh, "item_catalog")["new_items"]
-        computed = {k: _meta(refresh, k)["computed"] for k in data_side if k.to_user_string().startswith("embeddings_")}
+        embeddings = [k.to_user_string() for k in data_side if k.to_user_string().startswith("embeddings_")]
+        computed = {k: _meta(refresh, k)["computed"] for k in embeddings}
         images = _meta(refresh, "item_images")["processed_this_run"]
         print(f"new items {new_items}; images processed {images}; features computed {computed}", flush=True)
 
@@ -171,12 +172,15 @@ def main() -> None:
                 "new_share": round(n_new / n_before, 4),
                 "new_items": int(new_items),
                 "images_processed_in_refresh": int(images),
-                "features_computed_in_refresh": {k.to_user_string(): int(v) for k, v in computed.items()},
+                "features_computed_in_refresh": {k: int(v) for k, v in computed.items()},
                 "full_rebuild_s": round(full_s, 3),
                 "refresh_s": round(refresh_s, 3),
                 "refresh_ratio": round(refresh_s / full_s, 4),
                 "refresh_goal_met": refresh_s <= 0.05 * full_s,
+                "full_steps_s": full_steps,
+                "refresh_steps_s": {"sensor": round(sensor_s, 3), **ingest_steps, **refresh_steps},
                 "train_s": round(train_s, 3),
+                "train_steps_s": train_steps,
                 "trained_models": models,
                 "torch_threads": torch.get_num_threads(),
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
