@@ -297,3 +297,25 @@ def test_resuming_after_a_pause_requests_each_asset_once(workspace, make_dataset
             "model_most_popular": 1,
         }
         assert auto.total_requested == 4
+
+
+def test_graph_wiring_code_versions_and_named_conditions():
+    from visrec_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    labels = {}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.code_version, key
+        labels[key.to_user_string()] = node.automation_condition.get_label() if node.automation_condition else None
+    assert labels[INCOMING_ASSET] is None  # driven by incoming_files_sensor, one partition per file
+    assert all(labels[k] == "data side: eager on new data" for k in ("raw_interactions", *DATA_SIDE))
+    assert labels["model_vbpr"].startswith("models: retrain on cron")
+    assert labels["evaluation_vbpr"] == labels["recommendations"] == "follows the models"
+    assert labels["benchmark_report"] == "report: follows the evaluations"
+    assert dg.AssetKey(INCOMING_ASSET) in graph.get(dg.AssetKey("interactions")).parent_keys
+    # visrec_all (make demo) stays one unpartitioned job
+    job = defs.resolve_job_def("visrec_all")
+    assert job.partitions_def is None
+    assert dg.AssetKey(INCOMING_ASSET) not in job.asset_layer.executable_asset_keys
+    assert dg.AssetKey("benchmark_report") in job.asset_layer.executable_asset_keys
