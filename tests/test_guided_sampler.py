@@ -109,7 +109,8 @@ def test_negatives_are_outside_the_profile_and_of_another_artist_and_cluster(wor
 def test_margin_holds_under_an_independent_similarity(world):
     syn, creators, cfg, triples = world
     artist = np.array(_artist_names(creators, syn.clusters))
-    f = syn.features / np.linalg.norm(syn.features, axis=1, keepdims=True)
+    f = syn.features - syn.features.mean(0) if cfg.center_features else syn.features
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
 
     def sim(profile: np.ndarray, x: int) -> float:
         visual = float(np.mean(f[profile] @ f[x]))

@@ -64,6 +64,9 @@ class GuidedSamplerConfig:
     positives_per_single: int = 3  # G5 and G6: positives per artificial profile
     negatives_per_positive: int = 3
     alpha: float = 0.5  # weight of the visual term in the hybrid similarity
+    # subtract the mean feature before the cosine: CNN features share a large common component
+    # (random-init ResNet-50: mean cosine 0.998), which leaves the raw cosine nothing to rank by
+    center_features: bool = True
     margin: float = 0.05
     oversample: int = 8  # negative candidates drawn per wanted negative
     seed: int = 0
@@ -150,9 +153,15 @@ def artist_ids(n_items: int, creators: np.ndarray | None, clusters: np.ndarray |
     return dense.reshape(-1).astype(np.int64)
 
 
-def normalized_features(features: np.ndarray, feature_mask: np.ndarray | None = None) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); zero rows and masked-out rows stay zero."""
+def normalized_features(
+    features: np.ndarray, feature_mask: np.ndarray | None = None, *, center: bool = False
+) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32), after subtracting the mean row of the items with features
+    when ``center``; zero rows and masked-out rows stay zero."""
     f = np.asarray(features, dtype=np.float32)
+    usable = np.ones(f.shape[0], bool) if feature_mask is None else np.asarray(feature_mask, bool)
+    if center and usable.any():
+        f = f - f[usable].mean(0, keepdims=True)
     norms = np.linalg.norm(f, axis=1, keepdims=True)
     out = np.divide(f, norms, out=np.zeros_like(f), where=norms > 1e-12)
     if feature_mask is not None:
@@ -345,7 +354,7 @@ def build_guided_triples(
     if bad.size:
         raise ValueError(f"non-finite feature values for item indices {bad[:5].tolist()} (first 5)")
     rng = np.random.default_rng(cfg.seed)
-    fhat = normalized_features(features, feature_mask)
+    fhat = normalized_features(features, feature_mask, center=cfg.center_features)
     artist = artist_ids(n_items, creators, clusters)
     cluster = np.full(n_items, -1, np.int64) if clusters is None else np.asarray(clusters, np.int64)
     n_artists = int(artist.max()) + 1 if n_items else 0
