@@ -94,7 +94,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="", help="keep the workspace here instead of a temp folder")
     args = ap.parse_args()
 
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="visrec-bench-refresh-"))
+    if args.workdir:
+        run_bench(args, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="visrec-bench-refresh-") as tmp:
+            run_bench(args, Path(tmp))
+
+
+def run_bench(args: argparse.Namespace, root: Path) -> None:
     dataset_dir = root / "dataset"
     summary = ensure_demo_summary(
         dataset_dir, seed=args.seed, n_items=args.items, n_users=args.users, target_interactions=args.interactions
