@@ -148,7 +148,10 @@ def explain_rows(
     order = torch.argsort(-item_att, dim=1, stable=True)
     out = []
     for r in range(len(rows)):  # a handful of report rows; every tensor op above is batched
-        keep = order[r][item_att[r, order[r]] > 0][:max_profile]
+        # attended slots (the most recent ``max_profile_len``) carry a region distribution, even where a
+        # saturated item softmax underflows to exactly 0; padding and older slots carry none
+        attended = comp_att[r, order[r]].sum(-1) > 0
+        keep = order[r][attended][:max_profile]
         predict = set(holdout.predict.indices[holdout.predict.indptr[rows[r]] : holdout.predict.indptr[rows[r] + 1]].tolist())
         t = int(top[r])
         if not 0 <= t < n_items or not torch.isfinite(scores[r, t]):
