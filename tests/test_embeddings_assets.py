@@ -160,16 +160,27 @@ def test_resnet50_features_spatial_maps_and_visual_clusters(ws):
 
     cmd = result.asset_materializations_for_node("visual_clusters")[0].metadata
     assert value(cmd, "items") == 6 and value(cmd, "k") == 3 and "cluster_samples" in cmd
+    assert value(cmd, "mode") == "refitted"
     with db.connect(ws.db_path) as conn:
         first = conn.execute("SELECT item_id, cluster FROM visual_clusters ORDER BY item_id").fetchall()
     assert len(first) == 6 and {c for _, c in first} == {0, 1, 2}
     # same seed, same clusters (table replaced, not appended)
-    dg.materialize(
+    rerun = dg.materialize(
         [visual_clusters], resources=default_resources(ws), run_config={"ops": {"visual_clusters": {"config": {"k": 3}}}}
     )
+    assert value(rerun.asset_materializations_for_node("visual_clusters")[0].metadata, "mode") == "assigned to the last fit"
     with db.connect(ws.db_path) as conn:
         again = conn.execute("SELECT item_id, cluster FROM visual_clusters ORDER BY item_id").fetchall()
     assert again == first
+    # refit_share 0: always a fresh fit, which (same seed, same items) gives the same clusters
+    refit = dg.materialize(
+        [visual_clusters],
+        resources=default_resources(ws),
+        run_config={"ops": {"visual_clusters": {"config": {"k": 3, "refit_share": 0.0}}}},
+    )
+    assert value(refit.asset_materializations_for_node("visual_clusters")[0].metadata, "mode") == "refitted"
+    with db.connect(ws.db_path) as conn:
+        assert conn.execute("SELECT item_id, cluster FROM visual_clusters ORDER BY item_id").fetchall() == first
 
 
 def test_missing_item_images_table_is_a_clear_error(ws):

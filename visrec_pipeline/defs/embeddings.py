@@ -18,7 +18,7 @@ from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.embeddings import preview, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
 from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_device
-from visrec_pipeline.embeddings.kmeans import kmeans, l2_normalize
+from visrec_pipeline.embeddings.kmeans import ClusterState, assign, kmeans, l2_normalize
 from visrec_pipeline.embeddings.similarity import cosine_neighbours
 
 EMBEDDINGS_CODE_VERSION = "1"
@@ -245,6 +245,12 @@ class ClusterConfig(dg.Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     samples_per_cluster: int = Field(default=6, ge=1, description="images per cluster in the preview grid")
     preview_clusters: int = Field(default=8, ge=0)
+    refit_share: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="New items join the last fit's nearest centroid (cluster ids stay stable, no refit) while at "
+        "most this share of items is new since that fit; beyond it, or when k, seed or weights change, k-means "
+        "is refitted on all items. 0 = always refit.",
+    )
 
 
 @dg.asset(
@@ -267,12 +273,23 @@ def visual_clusters(
     ids = snap.item_ids
     device = resolve_device(config.device)
     t0 = time.perf_counter()
+    state_path = ws.features_dir / "clusters" / f"{CLUSTER_BACKBONE}.npz"
+    weights_tag = str(snap.provenance.get("weights_tag"))
+    result, mode = None, "empty"
     if len(ids):
-        feats, _ = snap.pooled(ids)
-        result = kmeans(l2_normalize(torch.from_numpy(feats)), config.k, seed=config.seed, max_iter=config.max_iter, device=device)
-        labels = result.labels
+        feats = l2_normalize(torch.from_numpy(snap.pooled(ids)[0]))
+        state = ClusterState.load(state_path)
+        if state is not None and state.can_extend(
+            ids, k=config.k, seed=config.seed, weights_tag=weights_tag, refit_share=config.refit_share
+        ):
+            # a refresh with a few new items: they join the nearest centroid, the others keep their cluster
+            labels, centroids, mode = assign(feats, state.centroids), state.centroids, "assigned to the last fit"
+        else:
+            result = kmeans(feats, config.k, seed=config.seed, max_iter=config.max_iter, device=device)
+            labels, centroids, mode = result.labels, result.centroids, "refitted"
+            ClusterState(centroids, np.asarray(ids, np.int64), config.k, config.seed, weights_tag).save(state_path)
     else:
-        result, labels = None, np.zeros(0, np.int64)
+        labels, centroids = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         context.log.warning(f"no {CLUSTER_BACKBONE} features are served: visual_clusters is empty")
     seconds = time.perf_counter() - t0
     out = pd.DataFrame({"backbone": CLUSTER_BACKBONE, "item_id": ids, "cluster": labels.astype(np.int32)})
@@ -285,18 +302,19 @@ def visual_clusters(
         finally:
             conn.unregister("_new_clusters")
 
-    sizes = np.bincount(labels, minlength=len(result.centroids)) if result is not None else np.zeros(0, np.int64)
+    sizes = np.bincount(labels, minlength=len(centroids)) if len(ids) else np.zeros(0, np.int64)
     metadata = {
         "items": len(ids),
+        "mode": mode,
         "k": len(sizes),
         "cluster_sizes": dg.MetadataValue.md(
             pd.DataFrame({"cluster": np.arange(len(sizes)), "items": sizes}).to_markdown(index=False) if len(sizes) else "none"
         ),
         "largest_cluster_share": round(float(sizes.max() / max(len(ids), 1)), 3) if len(sizes) else 0.0,
-        "inertia": round(result.inertia, 4) if result else 0.0,
         "iterations": result.n_iter if result else 0,
         "converged": bool(result.converged) if result else True,
         "seconds": round(seconds, 3),
+        **({"inertia": round(result.inertia, 4)} if result else {}),
         "weights_tag": snap.provenance.get("weights_tag"),
         "weights_warning": snap.provenance.get("weights_warning") or "none",
     }

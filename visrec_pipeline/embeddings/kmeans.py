@@ -94,3 +94,46 @@ def kmeans(x, k: int, *, seed: int = 0, max_iter: int = 100, device: str | torch
         n_iter=it,
         converged=converged,
     )
+
+
+def assign(x, centroids: np.ndarray) -> np.ndarray:
+    """Label of the nearest centroid for every row of ``x`` (one batched distance matrix)."""
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).float()
+    c = torch.as_tensor(centroids, dtype=torch.float32)
+    return _sq_dist(xt, (xt * xt).sum(1), c).argmin(1).numpy()
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What a k-means fit is kept as between runs, so new items can join it without a refit."""
+
+    centroids: np.ndarray  # float32 [k, d]
+    fitted_ids: np.ndarray  # int64: the items the centroids were fitted on
+    k: int  # requested k (the fit may hold fewer centroids when there were fewer items)
+    seed: int
+    weights_tag: str
+
+    def save(self, path) -> None:
+        from visrec_pipeline.atomic import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(
+                tmp, centroids=self.centroids, fitted_ids=self.fitted_ids,
+                k=np.asarray([self.k]), seed=np.asarray([self.seed]), weights_tag=np.asarray([self.weights_tag]),
+            )
+
+    @classmethod
+    def load(cls, path) -> "ClusterState | None":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["centroids"], z["fitted_ids"], int(z["k"][0]), int(z["seed"][0]), str(z["weights_tag"][0]))
+        except (OSError, KeyError, ValueError):
+            return None  # absent or unreadable: the caller refits
+
+    def can_extend(self, ids: np.ndarray, *, k: int, seed: int, weights_tag: str, refit_share: float) -> bool:
+        """True when ``ids`` may be assigned to these centroids instead of refitting: same k, seed and
+        weights, and at most ``refit_share`` of the items are new since the fit (0 = always refit)."""
+        if refit_share <= 0 or (self.k, self.seed, self.weights_tag) != (k, seed, weights_tag) or len(ids) == 0:
+            return False
+        new = ~np.isin(ids, self.fitted_ids)
+        return float(new.mean()) <= refit_share
