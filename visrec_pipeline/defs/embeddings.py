@@ -2,6 +2,7 @@
 ``visual_clusters``: CNN features of every ok thumbnail, computed incrementally, and k-means over them."""
 
 import base64
+from collections.abc import Iterator, Mapping
 import time
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,22 @@ def _image_path(root: Path, rel: str | None) -> Path | None:
         return None
     path = (root / rel).resolve()
     return path if path.is_relative_to(root.resolve()) else None
+
+
+class _ThumbnailPaths(Mapping):
+    """item id -> thumbnail path, resolved on lookup: previews need a few dozen of thousands of rows."""
+
+    def __init__(self, root: Path, rows: list[tuple[int, str]]):
+        self._root, self._rel = root, {int(i): p for i, p in rows}
+
+    def __getitem__(self, item_id: int) -> Path | None:
+        return _image_path(self._root, self._rel[item_id])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rel)
+
+    def __len__(self) -> int:
+        return len(self._rel)
 
 
 def _png_md(png: bytes, alt: str) -> dg.MetadataValue:
@@ -175,7 +192,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             snap = store.snapshot(conn, ws.features_dir, spec.name)
             path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
             n_shards = len(store.referenced_shards(conn, spec.name))
-        paths_by_id = {int(i): _image_path(ws.root, p) for i, p in path_rows}
+        paths_by_id = _ThumbnailPaths(ws.root, path_rows)
         grid = _neighbour_grid(snap, paths_by_id, config.neighbour_queries, config.neighbours)
 
         failures_md = pd.DataFrame(
@@ -319,7 +336,7 @@ def visual_clusters(
         "weights_warning": snap.provenance.get("weights_warning") or "none",
     }
     if len(ids) and config.preview_clusters:
-        paths = {int(i): _image_path(ws.root, p) for i, p in path_rows}
+        paths = _ThumbnailPaths(ws.root, path_rows)
         tiles, captions = [], []
         for c in range(min(config.preview_clusters, len(sizes))):
             members = ids[labels == c][: config.samples_per_cluster]

@@ -12,6 +12,7 @@ entry in :data:`BACKBONES`, e.g.::
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -107,6 +108,7 @@ def get_backbone(name: str) -> BackboneSpec:
         raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}") from None
 
 
+@functools.lru_cache(maxsize=None)  # a meta-device model build per call is ~0.5 s of a small refresh
 def output_shapes(spec: BackboneSpec) -> tuple[int, tuple[int, int] | None]:
     """(pooled dim, (regions, channels) or None) for the declared input size, computed on the meta device."""
     crop = int(spec.transforms().crop_size[0])
