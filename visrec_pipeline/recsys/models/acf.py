@@ -61,6 +61,9 @@ class ACFConfig:
     # (2048 -> 128 keeps nearly all the variance); None applies the learned layer to raw channels.
     region_pca_dim: int | None = 128
     pca_sample_regions: int = 16384
+    # divide the (projected) regions by their RMS value: raw CNN maps are large (random-init ResNet-50
+    # layer4: region norms ~1000), which saturates both attention softmaxes from the first step
+    scale_regions: bool = True
     mask_positive_in_profile: bool = True
     score_batch_users: int = 256
 
@@ -222,6 +225,7 @@ class ACF(Recommender):
         self.region_cache: torch.Tensor | None = None  # reduced regions [n_items, R, d] float16
         self.pca_mean: torch.Tensor | None = None
         self.pca_basis: torch.Tensor | None = None
+        self.region_rms = 1.0  # what fit divided the projected regions by
         self.ui_keys: torch.Tensor | None = None  # sorted user * n_items + item of the training rows
         self.ui_ts: torch.Tensor | None = None
 
@@ -250,6 +254,12 @@ class ACF(Recommender):
                 spatial, candidates, cfg.region_pca_dim, n_samples=cfg.pca_sample_regions, seed=cfg.seed
             )
         table = project_regions(spatial, self.pca_mean, self.pca_basis, has)
+        self.region_rms = 1.0
+        if cfg.scale_regions and has.any():
+            rows = torch.from_numpy(np.flatnonzero(has)[: 4096])
+            self.region_rms = float(table[rows].float().pow(2).mean().sqrt().clamp(min=1e-6))
+            for s in range(0, table.shape[0], 1024):
+                table[s : s + 1024] = (table[s : s + 1024].float() / self.region_rms).half()
         if not torch.isfinite(table.float().sum((1, 2))).all():
             bad = torch.nonzero(~torch.isfinite(table.float().sum((1, 2)))).squeeze(1)[:5].tolist()
             raise ValueError(f"{self.name}: non-finite spatial features for item indices {bad} (first 5)")
@@ -295,6 +305,7 @@ class ACF(Recommender):
             "regions": int(table.shape[1]),
             "channels_in": int(inputs.spatial.shape[2]),
             "pca_dim": None if self.pca_basis is None else int(self.pca_basis.shape[1]),
+            "rms_divided_by": round(self.region_rms, 4),
         }
         return history
 
