@@ -391,3 +391,21 @@ def test_cosine_neighbours_over_chunks_match_a_full_ranking():
     expected = ids[np.argsort(-sims, axis=1)[:, :5]]
     np.testing.assert_array_equal(nn_ids, expected)
     assert np.all(np.diff(nn_s, axis=1) <= 1e-6)
+
+
+def test_cpu_graph_and_bf16_agree_with_eager_fp32(images):
+    bb = load_backbone(RESNET18, "random", seed=2)
+    eager, ref = run(bb, images, cpu_graph=False)
+    assert eager.graph == "eager"
+    graph, fp32 = run(bb, images)
+    assert graph.graph == "jit+onednn" and not graph.notes
+    np.testing.assert_allclose(fp32.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
+    bf16_stats, bf16 = run(bb, images, precision="bf16")
+    assert bf16_stats.precision == "bf16"
+    (_, p, s), (_, rp, rs) = bf16.result(), ref.result()
+    cos = (p * rp).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(rp, axis=1)
+    assert cos.min() > 0.99 and s.dtype == np.float16 and s.shape == rs.shape
+    # the bf16 model is a copy: the backbone itself still computes fp32, and prepared models are reused
+    assert bb.extractor.conv1.weight.dtype == torch.float32
+    again, _ = run(bb, images[:1])
+    assert again.prepare_seconds < graph.prepare_seconds or again.prepare_seconds < 0.05

@@ -35,7 +35,12 @@ class EmbeddingConfig(dg.Config):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks cuda when available")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="autocast dtype; auto = bf16 on CUDA / on CPUs with native bf16, else fp32"
+        default="auto",
+        description="auto = bf16 on CUDA (autocast) and on CPUs with native bf16 (model converted to bf16), else fp32",
+    )
+    cpu_graph: bool = Field(
+        default=True,
+        description="on CPU, run a traced, frozen TorchScript graph with oneDNN Graph fusion (false: eager PyTorch)",
     )
     batch_size: int = Field(default=32, ge=1)
     num_workers: int = Field(
@@ -155,6 +160,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
                 num_workers=config.num_workers,
                 progress=progress,
                 progress_every=config.progress_every_batches,
+                cpu_graph=config.cpu_graph,
             )
         for note in stats.notes:
             context.log.warning(note)
@@ -212,6 +218,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             "weights_warning": choice.warning or "none",
             "device": stats.device,
             "precision": stats.precision,
+            "graph": stats.graph,
             "batch_size": stats.batch_size,
             "num_workers": stats.num_workers,
             "images_per_s": round(stats.images_per_s, 2),

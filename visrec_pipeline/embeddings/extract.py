@@ -1,18 +1,24 @@
 """Batched feature extraction: DataLoader workers decode and preprocess, the model runs in batches.
 
 Speed comes from: worker processes decoding JPEGs while the model computes, whole batches per
-forward, ``torch.inference_mode()`` (no autograd bookkeeping), channels-last tensors (oneDNN / cuDNN
-fast paths) and reduced precision where the hardware does it natively (bf16 autocast on CPUs with
-AVX512-BF16/AMX, bf16/fp16 autocast on CUDA). Results go to a ``sink(positions, pooled, spatial)``
-(e.g. a :class:`~visrec_pipeline.embeddings.store.ShardWriter`), so nothing holds all features in memory.
+forward, no autograd bookkeeping, channels-last tensors (oneDNN / cuDNN fast paths) and reduced
+precision where the hardware does it natively. On CUDA: bf16/fp16 autocast. On CPU: a copy of the
+model converted to bf16 outright (CPUs with AVX512-BF16/AMX; autocast would re-cast every weight on
+every call), traced and frozen with TorchScript and run by the oneDNN Graph fuser, which prepacks the
+weights once and fuses each conv with its ReLU / residual add (eager mode reorders every weight per
+call and makes a separate memory pass per ReLU and add). Results go to a ``sink(positions, pooled,
+spatial)`` (e.g. a :class:`~visrec_pipeline.embeddings.store.ShardWriter`), so nothing holds all
+features in memory.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
-from contextlib import ExitStack
+import warnings
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +47,9 @@ class LoadedBackbone:
     extractor: nn.Module  # returns {"pooled": ..., "spatial": ...}
     transform: nn.Module  # exactly spec.weights.transforms()
     weights: WeightsChoice
+    # Models prepared for a device / precision / graph mode (see prepare_model), kept so that a
+    # process extracting several times traces once.
+    prepared: dict = field(default_factory=dict, repr=False)
 
 
 def load_backbone(
@@ -90,6 +99,52 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
 
 
+@dataclass
+class PreparedModel:
+    model: nn.Module  # returns {"pooled": ..., "spatial": ...}
+    input_dtype: torch.dtype  # what the batches are cast to before the forward
+    autocast: torch.dtype | None  # CUDA only
+    graph: str  # "eager" | "jit+onednn", reported in ExtractStats
+    note: str | None = None  # why the graph mode could not be used, if it could not
+
+
+def prepare_model(
+    backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool = True
+) -> PreparedModel:
+    """The model as it will run (cached on ``backbone``). ``backbone.extractor`` itself is only ever moved
+    to ``dev`` (channels-last): the bf16 and traced variants are copies, so one LoadedBackbone can run at
+    several precisions."""
+    key = (str(dev), amp, cpu_graph and dev.type == "cpu")
+    if key not in backbone.prepared:
+        backbone.prepared[key] = _prepare(backbone, dev, amp, cpu_graph)
+    return backbone.prepared[key]
+
+
+def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool) -> PreparedModel:
+    base = backbone.extractor.to(dev, memory_format=torch.channels_last).eval()
+    if dev.type == "cuda":
+        return PreparedModel(base, torch.float32, amp, "eager")
+    model, dtype = base, torch.float32
+    if amp is not None:
+        model, dtype = copy.deepcopy(base).to(amp), amp
+    if not cpu_graph:
+        return PreparedModel(model, dtype, None, "eager")
+    crop = int(backbone.transform.crop_size[0])
+    example = torch.zeros(1, 3, crop, crop, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    try:
+        # TorchScript is deprecated upstream in favour of torch.compile, which on CPU needs a C++
+        # toolchain at run time and ~1 min of compilation per process; tracing takes seconds.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            # check_trace=False: the check re-runs the model; the graph has no data-dependent control flow.
+            traced = torch.jit.freeze(torch.jit.trace(model, example, strict=False, check_trace=False).eval())
+        return PreparedModel(traced, dtype, None, "jit+onednn")
+    except Exception as exc:  # any tracing failure leaves the eager model, which computes the same thing
+        note = f"{backbone.spec.name}: TorchScript tracing failed ({type(exc).__name__}: {exc}); running eager"
+        log.warning(note)
+        return PreparedModel(model, dtype, None, "eager", note)
+
+
 def default_num_workers(device: torch.device | None = None) -> int:
     """Decode workers: min(2, CPUs) next to a CPU model (it already uses every core; measured on 2
     cores, 0 and 2 workers run alike); min(8, CPUs) feeding a GPU, where JPEG decoding is the bottleneck."""
@@ -132,6 +187,8 @@ class ExtractStats:
     num_workers: int = 0
     batch_size: int = 0
     retained_memory: bool = False
+    graph: str = "eager"
+    prepare_seconds: float = 0.0  # copying / tracing the model; 0 when an earlier call on the backbone did it
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -176,10 +233,12 @@ def extract_features(
     progress: Progress | None = None,
     progress_every: int = 10,
     retain_memory: bool = True,
+    cpu_graph: bool = True,
 ) -> ExtractStats:
     """Run ``backbone`` over the images at ``paths``; ``sink(positions, pooled f32 [b, d], spatial f16 [b, R, C] | None)``
     receives every successfully decoded batch (positions index ``paths``). ``retain_memory``: keep freed
-    buffers in the heap meanwhile (see :mod:`visrec_pipeline.embeddings.malloc`)."""
+    buffers in the heap meanwhile (see :mod:`visrec_pipeline.embeddings.malloc`). ``cpu_graph``: on CPU,
+    run a traced, frozen TorchScript graph with oneDNN Graph fusion (False: eager, as on CUDA)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
@@ -194,25 +253,35 @@ def extract_features(
     )
     if not paths:
         return stats
-    model = backbone.extractor.to(dev, memory_format=torch.channels_last).eval()
     dataset = ImageFileDataset(paths, backbone.transform)
     pin = dev.type == "cuda"
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # includes preparing (copying, tracing) the model: every run pays for it
     with ExitStack() as stack:
         stats.retained_memory = stack.enter_context(retain_freed_memory(retain_memory))
+        t_prep = time.perf_counter()
+        prepared = prepare_model(backbone, dev, amp, cpu_graph)
+        stats.prepare_seconds = time.perf_counter() - t_prep
+        stats.graph = prepared.graph
+        if prepared.note:
+            stats.notes.append(prepared.note)
+        if prepared.graph == "jit+onednn":
+            # oneDNN Graph fusion is a process-wide TorchScript setting: on only while this graph runs.
+            stack.enter_context(torch.jit.fuser("fuser3"))
         batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
-        _run(backbone, model, batches, sink, dev, amp, pin, stats, progress, progress_every)
+        _run(backbone, prepared, batches, sink, dev, pin, stats, progress, progress_every)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def _run(backbone, model, batches, sink, dev, amp, pin, stats: ExtractStats, progress, progress_every) -> None:
+def _run(backbone, prepared: PreparedModel, batches, sink, dev, pin, stats: ExtractStats, progress, progress_every) -> None:
     n_total = stats.n_images
     t0 = time.perf_counter()
     done = 0
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+    model, amp = prepared.model, prepared.autocast
+    autocast = torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext()
+    with torch.inference_mode(), autocast:
         for b, (pos, x, errors) in enumerate(batches, start=1):
             pos = pos.numpy()
             good = np.array([not e for e in errors], dtype=bool)
@@ -220,7 +289,7 @@ def _run(backbone, model, batches, sink, dev, amp, pin, stats: ExtractStats, pro
             if good.any():
                 if not good.all():
                     x, pos = x[torch.from_numpy(good)], pos[good]
-                x = x.to(dev, non_blocking=pin, memory_format=torch.channels_last)
+                x = x.to(dev, prepared.input_dtype, non_blocking=pin, memory_format=torch.channels_last)
                 out = model(x)
                 pooled = out["pooled"].flatten(1).float()
                 if not torch.isfinite(pooled).all():
