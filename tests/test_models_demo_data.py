@@ -122,7 +122,8 @@ def world(tmp_path_factory) -> DemoWorld:
 @pytest.fixture(scope="module")
 def baselines(world) -> dict[str, float]:
     out = {}
-    for name, model in (("random", RandomRecommender(RandomConfig())), ("most_popular", MostPopular(MostPopularConfig()))):
+    models = (("random", RandomRecommender(RandomConfig())), ("most_popular", MostPopular(MostPopularConfig())))
+    for name, model in models:
         model.fit(world.data, FitInputs())
         out[name] = _auc(model, world)
     return out

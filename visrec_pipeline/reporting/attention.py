@@ -152,7 +152,7 @@ def explain_rows(
         # saturated item softmax underflows to exactly 0; padding and older slots carry none
         attended = comp_att[r, order[r]].sum(-1) > 0
         keep = order[r][attended][:max_profile]
-        predict = set(holdout.predict.indices[holdout.predict.indptr[rows[r]] : holdout.predict.indptr[rows[r] + 1]].tolist())
+        predict = set(holdout.predict.row(int(rows[r])).tolist())
         t = int(top[r])
         if not 0 <= t < n_items or not torch.isfinite(scores[r, t]):
             continue  # nothing left to recommend
