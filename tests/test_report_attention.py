@@ -108,3 +108,12 @@ def test_region_grid_and_empty_panel():
     row = AttentionRow("u", 0, False, [1], [1.0], np.full((1, 4), 0.25), 1)
     png = attention_panel_png([row], _image_of, max_profile=2, tile=32)
     assert Image.open(io.BytesIO(png)).size[0] == 3 * (32 + 8)
+
+
+def test_report_skips_the_panel_with_a_note_when_acf_is_not_trained(tmp_path):
+    from visrec_pipeline.defs.report import _acf_attention
+    from visrec_pipeline.defs.resources import VisrecSettings
+
+    note, png = _acf_attention(VisrecSettings(data_dir=str(tmp_path), dataset="demo"), 3)
+    assert png is None and "not trained" in note
+    assert not any(tmp_path.iterdir())  # nothing was created
