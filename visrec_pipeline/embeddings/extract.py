@@ -114,7 +114,8 @@ def prepare_model(
     """The model as it will run (cached on ``backbone``). ``backbone.extractor`` itself is only ever moved
     to ``dev`` (channels-last): the bf16 and traced variants are copies, so one LoadedBackbone can run at
     several precisions."""
-    key = (str(dev), amp, cpu_graph and dev.type == "cpu")
+    # The thread count is part of the key: fused oneDNN partitions keep the one they were compiled with.
+    key = (str(dev), amp, cpu_graph and dev.type == "cpu", torch.get_num_threads())
     if key not in backbone.prepared:
         backbone.prepared[key] = _prepare(backbone, dev, amp, cpu_graph)
     return backbone.prepared[key]
