@@ -2,8 +2,8 @@
 
     uv run python bench/embeddings.py [--n 200] [--images DIR] [--device cpu|cuda] [--backbone resnet50]
 
-Baseline (the tutorial's way): for each image, PIL open, the weights' transform, ``model(x.unsqueeze(0))``
-with autograd on, fp32, eager. Ours: ``extract_features`` as the assets run it (DataLoader decode
+Baseline (the tutorial's way): torchvision's model as built (batch norms in place), and for each image,
+PIL open, the weights' transform, ``model(x.unsqueeze(0))`` with autograd on, fp32, eager. Ours: ``extract_features`` as the assets run it (DataLoader decode
 workers, batches, no autograd, channels-last; on CPU a traced + frozen TorchScript graph with oneDNN
 Graph fusion, and a bf16 copy of the model where the CPU does bf16 natively), once at fp32 and once at
 the pipeline's default precision. Both use the same randomly initialised backbone (seed 0) and the
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.models.feature_extraction import create_feature_extractor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from visrec_pipeline.embeddings.backbones import get_backbone  # noqa: E402
 from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_precision  # noqa: E402
+from visrec_pipeline.embeddings.weights import random_model  # noqa: E402
 
 
 def make_images(folder: Path, n: int, seed: int = 0, square: int | None = None) -> list[Path]:
@@ -105,8 +107,11 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}"
         )
         bb = load_backbone(spec, "random", seed=0)
-        # The baseline gets its own copy in the default (contiguous) layout; ours moves its model to channels-last.
-        ref_model = load_backbone(spec, "random", seed=0).extractor.to(device).eval()
+        # The baseline is what the tutorial ran: torchvision's model as built (batch norms in place, eager,
+        # default layout), cut at the same node; same seed, so the same weights as ours.
+        ref_model = create_feature_extractor(
+            random_model(spec, seed=0).eval(), return_nodes={spec.pooled_node: "pooled"}
+        ).to(device).eval()
         default_prec = "fp32" if resolve_precision("auto", device) is None else "auto"
         variants = ["fp32"] + (["auto"] if default_prec == "auto" else [])
         baseline(ref_model, bb.transform, paths[:2], device)  # warm-up (oneDNN kernel selection)
