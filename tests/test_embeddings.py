@@ -409,3 +409,34 @@ def test_cpu_graph_and_bf16_agree_with_eager_fp32(images):
     assert bb.extractor.conv1.weight.dtype == torch.float32
     again, _ = run(bb, images[:1])
     assert again.prepare_seconds < graph.prepare_seconds or again.prepare_seconds < 0.05
+
+
+class _FailsOnSecondCall(torch.nn.Module):
+    """Stands in for a fused graph that oneDNN rejects only when it compiles (seen with AlexNet in bf16)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls >= 2:
+            raise RuntimeError("could not add op to the graph")
+        return self.inner(x)
+
+
+def test_a_fused_graph_failing_at_run_time_falls_back_to_eager_with_a_note(images):
+    from visrec_pipeline.embeddings.extract import prepare_model
+
+    bb = load_backbone(RESNET18, "random", seed=2)
+    _, ref = run(bb, images, cpu_graph=False)
+    prepared = prepare_model(bb, torch.device("cpu"), None, True)  # what extract_features will use (cached)
+    assert prepared.graph == "jit+onednn" and prepared.eager is not None
+    prepared.model = _FailsOnSecondCall(prepared.model)
+    stats, sink = run(bb, images)
+    assert stats.graph == "eager" and stats.n_ok == len(images) and not stats.failures
+    assert any("fused TorchScript graph failed" in n and "could not add op" in n for n in stats.notes)
+    np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
+    # the switch is kept: the next extraction runs eager from the start and still says why, once
+    again, _ = run(bb, images[:2])
+    assert again.graph == "eager" and len(again.notes) == 1 and "fused TorchScript graph failed" in again.notes[0]

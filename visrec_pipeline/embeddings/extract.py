@@ -106,6 +106,15 @@ class PreparedModel:
     autocast: torch.dtype | None  # CUDA only
     graph: str  # "eager" | "jit+onednn", reported in ExtractStats
     note: str | None = None  # why the graph mode could not be used, if it could not
+    eager: nn.Module | None = None  # the same computation without the graph, should the fuser fail at run time
+
+    def fall_back_to_eager(self, exc: Exception, name: str) -> str:
+        """Switch this (cached) model to eager for good; the note says why."""
+        assert self.eager is not None
+        self.model, self.graph, self.eager = self.eager, "eager", None
+        self.note = f"{name}: the fused TorchScript graph failed ({type(exc).__name__}: {exc}); running eager"
+        log.warning(self.note)
+        return self.note
 
 
 def prepare_model(
@@ -139,7 +148,9 @@ def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | Non
             warnings.simplefilter("ignore", FutureWarning)
             # check_trace=False: the check re-runs the model; the graph has no data-dependent control flow.
             traced = torch.jit.freeze(torch.jit.trace(model, example, strict=False, check_trace=False).eval())
-        return PreparedModel(traced, dtype, None, "jit+onednn")
+        # oneDNN Graph compiles on the first calls with each input shape, and it rejects some graphs
+        # only then (AlexNet's classifier in bf16): the eager model stays at hand for that case.
+        return PreparedModel(traced, dtype, None, "jit+onednn", eager=model)
     except Exception as exc:  # any tracing failure leaves the eager model, which computes the same thing
         note = f"{backbone.spec.name}: TorchScript tracing failed ({type(exc).__name__}: {exc}); running eager"
         log.warning(note)
@@ -291,7 +302,15 @@ def _run(backbone, prepared: PreparedModel, batches, sink, dev, pin, stats: Extr
                 if not good.all():
                     x, pos = x[torch.from_numpy(good)], pos[good]
                 x = x.to(dev, prepared.input_dtype, non_blocking=pin, memory_format=torch.channels_last)
-                out = model(x)
+                try:
+                    out = model(x)
+                except RuntimeError as exc:
+                    if prepared.eager is None:
+                        raise
+                    stats.notes.append(prepared.fall_back_to_eager(exc, backbone.spec.name))
+                    stats.graph = prepared.graph
+                    model = prepared.model
+                    out = model(x)
                 pooled = out["pooled"].flatten(1).float()
                 if not torch.isfinite(pooled).all():
                     raise FloatingPointError(
