@@ -10,7 +10,7 @@ import importlib
 
 import dagster as dg
 
-from visrec_pipeline.defs.resources import default_resources
+from visrec_pipeline.defs.resources import MAX_CONCURRENT_STEPS, default_resources
 
 _MODULES = (
     "ingest",
@@ -26,7 +26,7 @@ _MODULES = (
 # torch and the pipeline, so a step starts in well under a second.
 EXECUTOR = dg.multiprocess_executor.configured(
     {
-        "max_concurrent": 2,
+        "max_concurrent": MAX_CONCURRENT_STEPS,
         "start_method": {"forkserver": {"preload_modules": ["visrec_pipeline.definitions"]}},
     }
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,22 @@ from visrec_pipeline.paths import Workspace, env_data_dir, env_dataset
 DUCKDB_POOL = "duckdb"
 
 
+# Steps the multiprocess executor runs at once (definitions.py); each gets its share of the cores.
+MAX_CONCURRENT_STEPS = 2
+
+
+def step_threads(requested: int, cpus: int | None, in_step_subprocess: bool) -> int | None:
+    """Intra-op threads for torch in a step: ``requested`` when > 0; otherwise (auto), in a step
+    subprocess of the multiprocess executor, the step's share of the cores, else None (torch's
+    default). Two steps each running one OpenMP thread per core oversubscribe the CPU and their
+    spinning threads slow both several-fold (measured: the CPU demo's trainings took 3-5x longer)."""
+    if requested > 0:
+        return requested
+    if not in_step_subprocess:
+        return None
+    return max(1, (cpus or 1) // MAX_CONCURRENT_STEPS)
+
+
 class VisrecSettings(dg.ConfigurableResource):
     """Which dataset to run on and where artefacts go (defaults: the env vars)."""
 
@@ -31,9 +48,25 @@ class VisrecSettings(dg.ConfigurableResource):
         description="'demo' for the bundled generated dataset, or a path to a dataset folder (VISREC_DATASET).",
     )
 
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch intra-op threads per step; 0 = auto: the step's share of the cores when steps run in "
+        "parallel subprocesses, torch's default when the run executes in one process.",
+    )
+
     @property
     def workspace(self) -> Workspace:
         return Workspace.from_settings(self.data_dir, self.dataset)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        import multiprocessing
+
+        threads = step_threads(self.torch_threads, os.cpu_count(), multiprocessing.parent_process() is not None)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
 
 class VisrecDuckDB(DuckDBResource):
