@@ -57,7 +57,7 @@ class ListSink:
 
 def run(backbone, paths, **kw):
     sink = ListSink()
-    kw = {"device": "cpu", "precision": "fp32", "batch_size": 4, "num_workers": 0, **kw}
+    kw = {"device": "cpu", "precision": "fp32", "batch_size": 4, "num_workers": 0, "small_job": 0, **kw}
     stats = extract_features(backbone, paths, sink, **kw)
     return stats, sink
 
@@ -440,3 +440,14 @@ def test_a_fused_graph_failing_at_run_time_falls_back_to_eager_with_a_note(image
     # the switch is kept: the next extraction runs eager from the start and still says why, once
     again, _ = run(bb, images[:2])
     assert again.graph == "eager" and len(again.notes) == 1 and "fused TorchScript graph failed" in again.notes[0]
+
+
+def test_a_small_job_runs_eager_and_decodes_in_process(images):
+    bb = load_backbone(RESNET18, "random", seed=2)
+    small, sink = run(bb, images[:3], num_workers=None, small_job=64)
+    assert small.graph == "eager" and small.num_workers == 0 and small.n_ok == 3
+    big, big_sink = run(bb, images[:3], num_workers=None, small_job=2)
+    assert big.graph == "jit+onednn" and big.num_workers > 0
+    np.testing.assert_allclose(sink.result()[1], big_sink.result()[1], rtol=1e-4, atol=1e-5)
+    # an explicit worker count is kept
+    assert run(bb, images[:3], num_workers=1, small_job=64)[0].num_workers == 1
