@@ -8,9 +8,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from visrec_pipeline.paths import Workspace
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Model tests train small models: one intra-op thread is faster than two on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -18,12 +18,7 @@ from visrec_pipeline.recsys.synthetic import planted_dataset
 REGIONS, CHANNELS = 4, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared box is oversubscribed; one thread is much faster there
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

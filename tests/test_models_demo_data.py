@@ -59,12 +59,7 @@ class DemoWorld:
         )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared box is oversubscribed; one thread is much faster there
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(frame: pd.DataFrame, item_ids: np.ndarray) -> RecData:
