@@ -433,12 +433,13 @@ def test_a_fused_graph_failing_at_run_time_falls_back_to_eager_with_a_note(image
     prepared = prepare_model(bb, torch.device("cpu"), None, True)  # what extract_features will use (cached)
     assert prepared.graph == "jit+onednn" and prepared.eager is not None
     prepared.model = _FailsOnSecondCall(prepared.model)
-    stats, sink = run(bb, images)
+    assert len(images) >= 4  # two full batches of 2: the graph runs full batches only
+    stats, sink = run(bb, images, batch_size=2)
     assert stats.graph == "eager" and stats.n_ok == len(images) and not stats.failures
     assert any("fused TorchScript graph failed" in n and "could not add op" in n for n in stats.notes)
     np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
     # the switch is kept: the next extraction runs eager from the start and still says why, once
-    again, _ = run(bb, images[:2])
+    again, _ = run(bb, images[:2], batch_size=2)
     assert again.graph == "eager" and len(again.notes) == 1 and "fused TorchScript graph failed" in again.notes[0]
 
 
@@ -451,3 +452,25 @@ def test_a_small_job_runs_eager_and_decodes_in_process(images):
     np.testing.assert_allclose(sink.result()[1], big_sink.result()[1], rtol=1e-4, atol=1e-5)
     # an explicit worker count is kept
     assert run(bb, images[:3], num_workers=1, small_job=64)[0].num_workers == 1
+
+
+def test_a_short_batch_runs_eager_so_the_graph_keeps_one_input_shape(images):
+    from visrec_pipeline.embeddings.extract import prepare_model
+
+    bb = load_backbone(RESNET18, "random", seed=2)
+    prepared = prepare_model(bb, torch.device("cpu"), None, True)
+    shapes = []
+    graph = prepared.model
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            shapes.append(int(x.shape[0]))
+            return graph(x)
+
+    prepared.model = Recording()
+    n = len(images)
+    assert n % 4, "the fixture should leave a short last batch"
+    _, sink = run(bb, images, batch_size=4)
+    assert shapes == [4] * (n // 4)
+    _, ref = run(bb, images, cpu_graph=False)
+    np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)

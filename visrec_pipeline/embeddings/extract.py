@@ -313,8 +313,11 @@ def _run(backbone, prepared: PreparedModel, batches, sink, dev, pin, stats: Extr
                 if not good.all():
                     x, pos = x[torch.from_numpy(good)], pos[good]
                 x = x.to(dev, prepared.input_dtype, non_blocking=pin, memory_format=torch.channels_last)
+                # the fuser profiles and compiles anew for every input shape: a short batch (the last one,
+                # or one with unreadable images) runs eager instead of paying that for a few images
+                run_model = prepared.eager if prepared.eager is not None and x.shape[0] != stats.batch_size else model
                 try:
-                    out = model(x)
+                    out = run_model(x)
                 except RuntimeError as exc:
                     if prepared.eager is None:
                         raise
