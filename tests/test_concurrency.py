@@ -23,7 +23,7 @@ import pytest
 
 from visrec_pipeline import db
 from visrec_pipeline.defs.ingest import INGEST_ASSETS
-from visrec_pipeline.defs.resources import VisrecDuckDB, default_resources
+from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, default_resources
 from visrec_pipeline.ingest import ingest_batch
 from visrec_pipeline.paths import Workspace
 
@@ -150,6 +150,11 @@ def test_two_processes_materialize_the_same_database_at_once(tmp_path, monkeypat
 
     # this instance creates the storage once, as `dagster dev` would; the child only uses it
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # Dagster creates a pool at its first claim; two runs claiming that very first slot at the same
+        # moment could both get one (seen once), so the pool exists before they start, as it does on
+        # any instance that has run the pipeline before. The database itself is safe either way (lock
+        # retries); this test checks the pool.
+        instance.event_log_storage.initialize_concurrency_limit_to_default(DUCKDB_POOL)
         child = _spawn(MATERIALIZE_SCRIPT, str(go), env=env, cwd=home)
         try:
             _wait_for(child, "ready")
@@ -185,9 +190,9 @@ def test_two_processes_materialize_the_same_database_at_once(tmp_path, monkeypat
     first_a, last_a = min(v[0] for v in a.values()), max(v[1] for v in a.values())
     first_b, last_b = min(v[0] for v in b.values()), max(v[1] for v in b.values())
     assert first_a < last_b and first_b < last_a, "the two runs did not overlap in time"
-    for sa, ea in a.values():
-        for sb, eb in b.values():
-            assert ea <= sb or eb <= sa, "two duckdb-pool steps ran at the same time"
+    for ka, (sa, ea) in a.items():
+        for kb, (sb, eb) in b.items():
+            assert ea <= sb or eb <= sa, f"two duckdb-pool steps ran at the same time: {ka} and {kb}"
 
 
 def test_open_with_retry_waits_for_a_lock_held_by_another_process(tmp_path):
