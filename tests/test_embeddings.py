@@ -474,3 +474,18 @@ def test_a_short_batch_runs_eager_so_the_graph_keeps_one_input_shape(images):
     assert shapes == [4] * (n // 4)
     _, ref = run(bb, images, cpu_graph=False)
     np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_workers_are_forked_even_where_forkserver_is_the_default(images):
+    """A Dagster step runs in a forkserver child, whose default start method is forkserver: workers
+    started that way re-import torch and the package before the first batch."""
+    import multiprocessing
+
+    from visrec_pipeline.embeddings.extract import _loader
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    bb = load_backbone(RESNET18, "random", seed=2)
+    loader = _loader(ImageFileDataset(images, bb.transform), 2, 1, False)
+    assert loader.multiprocessing_context.get_start_method() == "fork"
+    assert _loader(ImageFileDataset(images, bb.transform), 2, 0, False).multiprocessing_context is None
