@@ -13,30 +13,17 @@ partition replaces that batch in ``raw_interactions`` (never duplicates it).
 import dagster as dg
 import pyarrow.compute as pc
 
+from visrec_pipeline.defs.ingest import input_failure
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.ingest import InputFileError, batches_summary, read_interactions, write_batch
 from visrec_pipeline.ingest.incoming import find_batch_file, items_file_for, key_hash
 from visrec_pipeline.ingest.store import raw_counts
-from visrec_pipeline.ingest.summary import markdown_table
 
 BATCHES = dg.DynamicPartitionsDefinition(name="incoming_batches")
 INCOMING_ASSET = "incoming_interactions"
 # visrec_all (one unpartitioned job over the whole graph) leaves out assets with this tag.
 PARTITIONED_TAG = {"visrec/partitioned": "batch"}
 CODE_VERSION = "1"
-_SHOWN_PROBLEMS = 20
-
-
-def _rejection(exc: InputFileError, source_file: str) -> dg.Failure:
-    rows = [(p.file, p.unit, p.position, p.column, p.message) for p in exc.problems[:_SHOWN_PROBLEMS]]
-    return dg.Failure(
-        description=f"batch {source_file} rejected whole, nothing written (earlier batches are untouched):\n{exc}",
-        metadata={
-            "problems": len(exc.problems),
-            "first problems": dg.MetadataValue.md(markdown_table(["file", "unit", "position", "column", "problem"], rows)),
-        },
-        allow_retries=False,
-    )
 
 
 @dg.asset(
@@ -67,7 +54,8 @@ def incoming_interactions(
     try:
         batch = read_interactions(found.path, file=found.source_file)
     except InputFileError as exc:
-        raise _rejection(exc, found.source_file) from exc
+        lead = f"batch {found.source_file} rejected whole, nothing written (earlier batches are untouched):"
+        raise input_failure(exc, lead=lead) from exc
     with duckdb.get_connection() as conn:
         write_batch(conn, key, batch, source_file=found.source_file)
         batches = batches_summary(conn)

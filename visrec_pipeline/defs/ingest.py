@@ -80,12 +80,13 @@ def _problems_md(problems) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_table(["file", "unit", "position", "column", "problem"], rows))
 
 
-def _input_failure(exc: Exception, hint: str = "") -> dg.Failure:
-    """A step failure whose message names the file, line and column of the first problems."""
+def input_failure(exc: Exception, hint: str = "", *, lead: str = "") -> dg.Failure:
+    """A step failure whose message names the file, line and column of the first problems
+    (``lead``: a first line before them, ``hint``: a last line after them)."""
     metadata = {}
     if isinstance(exc, InputFileError):
         metadata = {"problems": len(exc.problems), "first problems": _problems_md(exc.problems)}
-    text = str(exc) + (f"\n{hint}" if hint else "")
+    text = (f"{lead}\n" if lead else "") + str(exc) + (f"\n{hint}" if hint else "")
     return dg.Failure(description=text, metadata=metadata, allow_retries=False)
 
 
@@ -123,9 +124,9 @@ def raw_interactions(
         path = find_interactions_file(ws.dataset_dir)
         batch = read_interactions(path, file=path.name, quarantine=config.quarantine_bad_rows)
     except InputFileError as exc:
-        raise _input_failure(exc, QUARANTINE_HINT) from exc
+        raise input_failure(exc, QUARANTINE_HINT) from exc
     except DatasetFolderError as exc:
-        raise _input_failure(exc) from exc
+        raise input_failure(exc) from exc
     context.log.info(f"{batch.file}: {batch.n_rows} rows valid, {batch.n_rejected_rows} rejected ({batch.reader})")
 
     with duckdb.get_connection() as conn:
@@ -212,7 +213,7 @@ def item_catalog(
     try:
         items, items_files = read_catalog_items(settings.workspace.dataset_dir)
     except InputFileError as exc:
-        raise _input_failure(exc) from exc
+        raise input_failure(exc) from exc
     with duckdb.get_connection() as conn:
         before = catalog_item_count(conn)
         stats = build_catalog(conn, items)

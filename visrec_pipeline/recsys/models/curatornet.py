@@ -41,7 +41,7 @@ from visrec_pipeline.recsys.guided_sampler import (
     GuidedTriples,
     build_guided_triples,
 )
-from visrec_pipeline.recsys.models.features import pooled_features
+from visrec_pipeline.recsys.models.features import normalise, pooled_features
 from visrec_pipeline.recsys.samplers import RandomTripleSampler
 from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
 
@@ -99,13 +99,9 @@ def scale_features(features: torch.Tensor, mask: torch.Tensor, how: str) -> torc
     """The tower's input: ``how`` = standard | l2 | none (see :class:`CuratorNetConfig`); rows without
     features stay zero. Raw CNN features share a large common component (ReLU outputs, mean cosine
     near 1 for random-init ResNet-50), which would saturate the SELU tower and swamp the differences."""
-    f = features
-    if how == "standard" and bool(mask.any()):
-        rows = f[mask]
-        f = (f - rows.mean(0)) / rows.std(0, unbiased=False).clamp(min=1e-6)
-    elif how == "l2":
-        f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return torch.where(mask.unsqueeze(1), f, torch.zeros((), dtype=f.dtype))
+    if how == "standard":
+        return normalise(features, mask, center=True, l2=False, unit_variance=True)
+    return normalise(features, mask, center=False, l2=how == "l2")
 
 
 def _selu_stack(dims: list[int]) -> nn.ModuleList:

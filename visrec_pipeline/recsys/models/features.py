@@ -33,11 +33,18 @@ def pooled_features(inputs: FitInputs, n_items: int, *, model: str) -> tuple[tor
     return f, mask
 
 
-def normalise(features: torch.Tensor, mask: torch.Tensor, *, center: bool, l2: bool) -> torch.Tensor:
-    """Optionally subtract the mean over items with features, then L2-normalise rows; masked rows stay zero."""
+def normalise(
+    features: torch.Tensor, mask: torch.Tensor, *, center: bool, l2: bool, unit_variance: bool = False
+) -> torch.Tensor:
+    """Optionally subtract the mean over items with features and divide each dimension by its standard
+    deviation over them, then L2-normalise rows; masked rows stay zero."""
     f = features
-    if center and bool(mask.any()):
-        f = f - f[mask].mean(0, keepdim=True)
+    if (center or unit_variance) and bool(mask.any()):
+        rows = f[mask]
+        if center:
+            f = f - rows.mean(0, keepdim=True)
+        if unit_variance:
+            f = f / rows.std(0, unbiased=False, keepdim=True).clamp(min=1e-6)
     if l2:
         f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return torch.where(mask.unsqueeze(1), f, torch.zeros((), dtype=f.dtype))
