@@ -8,8 +8,11 @@ CREATE TABLE IF NOT EXISTS embedding_index (
     "row"        BIGINT    NOT NULL,
     content_hash VARCHAR   NOT NULL,
     computed_at  TIMESTAMP NOT NULL,
+    revision     INTEGER   NOT NULL DEFAULT 0,  -- the backbone's feature revision (BackboneSpec.revision)
     PRIMARY KEY (backbone, item_id)
 );
+-- databases created before the revision column: their rows are revision 0
+ALTER TABLE embedding_index ADD COLUMN IF NOT EXISTS revision INTEGER DEFAULT 0;
 -- Which weights the current features of a backbone came from (a random-init fallback is loud here).
 CREATE TABLE IF NOT EXISTS embedding_provenance (
     backbone         VARCHAR PRIMARY KEY,

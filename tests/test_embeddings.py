@@ -347,6 +347,28 @@ def test_missing_shard_files_are_recomputed_and_failed_writes_leave_nothing(tmp_
         store.shard_path(fdir, "toy", "t", "../../etc/passwd", "pooled")
 
 
+def test_rows_of_an_older_feature_revision_are_recomputed_also_in_a_database_from_before_revisions(tmp_path):
+    dbp = tmp_path / "v.duckdb"
+    fdir = tmp_path / "features"
+    with db.connect(dbp) as conn:
+        # the index as created before the revision column existed
+        conn.execute(
+            "CREATE TABLE embedding_index (backbone VARCHAR NOT NULL, weights_tag VARCHAR NOT NULL, item_id BIGINT NOT NULL, "
+            'shard VARCHAR NOT NULL, "row" BIGINT NOT NULL, content_hash VARCHAR NOT NULL, computed_at TIMESTAMP NOT NULL, '
+            "PRIMARY KEY (backbone, item_id))"
+        )
+        store.ensure_tables(conn)
+        _item_images(conn, [(1, "ok", "h1"), (2, "ok", "h2")])
+        _write_run(tmp_path, conn, [1, 2], ["h1", "h2"])  # revision 0
+        assert store.todo_items(conn, fdir, "toy", "random:seed=0").empty
+        assert store.todo_items(conn, fdir, "toy", "random:seed=0", revision=1)["item_id"].tolist() == [1, 2]
+        rows = pd.DataFrame({"item_id": [1], "row": [0], "content_hash": ["h1"]})
+        shard = _write_run(tmp_path, conn, [1], ["h1"])
+        prov = store.feature_provenance(conn, "toy")
+        store.commit_index(conn, "toy", "random:seed=0", shard, rows, {**prov, "weights_used": "x"}, revision=1)
+        assert store.todo_items(conn, fdir, "toy", "random:seed=0", revision=1)["item_id"].tolist() == [2]
+
+
 def test_reading_a_backbone_never_computed_is_a_clear_error(tmp_path):
     dbp = tmp_path / "v.duckdb"
     with db.connect(dbp) as conn:
@@ -409,6 +431,39 @@ def test_cpu_graph_and_bf16_agree_with_eager_fp32(images):
     assert bb.extractor.conv1.weight.dtype == torch.float32
     again, _ = run(bb, images[:1])
     assert again.prepare_seconds < graph.prepare_seconds or again.prepare_seconds < 0.05
+
+
+def test_alexnet_bf16_agrees_with_fp32_and_is_deterministic(images):
+    # regression: the bf16 copy of the extractor came back in training mode and ran AlexNet's Dropout
+    bb = load_backbone(BACKBONES["alexnet"], "random", seed=3)
+    _, ref = run(bb, images)
+    for cpu_graph in (False, True):
+        first, second = (run(bb, images, precision="bf16", cpu_graph=cpu_graph)[1].result()[1] for _ in range(2))
+        np.testing.assert_array_equal(first, second)
+        rp = ref.result()[1]
+        cos = (first * rp).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(rp, axis=1)
+        assert cos.min() > 0.999, (cpu_graph, cos)
+
+
+def test_random_init_is_cached_and_gives_the_same_model(tmp_path, caplog):
+    from visrec_pipeline.embeddings.weights import random_init_cache_path
+
+    fresh = build_model(RESNET18, "random", seed=4)[0].state_dict()
+    cache = tmp_path / "init"
+    first = build_model(RESNET18, "random", seed=4, init_cache_dir=cache)[0].state_dict()
+    path = random_init_cache_path(cache, RESNET18, 4)
+    assert path.is_file() and list(cache.iterdir()) == [path]
+    cached = build_model(RESNET18, "random", seed=4, init_cache_dir=cache)[0]
+    assert not any(t.is_meta for t in cached.state_dict().values())
+    for sd in (first, cached.state_dict()):
+        assert sd.keys() == fresh.keys() and all(torch.equal(sd[k], fresh[k]) for k in fresh)
+    other_seed = build_model(RESNET18, "random", seed=5, init_cache_dir=cache)[0].state_dict()
+    assert not torch.equal(other_seed["conv1.weight"], fresh["conv1.weight"])
+    path.write_bytes(b"truncated")  # an unreadable cache is rebuilt, loudly
+    with caplog.at_level("WARNING"):
+        again = build_model(RESNET18, "random", seed=4, init_cache_dir=cache)[0].state_dict()
+    assert "unreadable" in caplog.text and all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert torch.load(path, weights_only=True).keys() == fresh.keys()
 
 
 class _FailsOnSecondCall(torch.nn.Module):

@@ -208,3 +208,21 @@ def test_batches_cover_each_triple_once_with_its_profile(world):
     assert not np.array_equal(batches.order(0), batches.order(1))
     first = next(iter(batches.epoch(0)))
     assert first["profile_offsets"].shape[0] - 1 < first["pos"].shape[0]
+
+
+def test_pair_similarity_matches_the_dense_product_with_repeated_and_no_pairs():
+    from visrec_pipeline.recsys.guided_sampler import _Similarity
+    from visrec_pipeline.recsys.data import CSR
+
+    rng = np.random.default_rng(1)
+    n_items, d = 30, 8
+    fhat = rng.standard_normal((n_items, d)).astype(np.float32)
+    rows = rng.integers(0, 6, 40)
+    profiles = CSR.from_pairs(rows, rng.integers(0, n_items, 40), 6, n_items)
+    artist = rng.integers(0, 4, n_items)
+    sim = _Similarity(profiles, fhat, artist, alpha=1.0)
+    dense = sim.centroids.numpy() @ fhat.T
+    prof = np.array([0, 5, 5, 2, 0, 5, 3])  # repeated pairs, several orders
+    items = np.array([3, 7, 7, 0, 3, 29, 11])
+    np.testing.assert_allclose(sim(prof, items), dense[prof, items], rtol=1e-5, atol=1e-6)
+    assert sim(np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)

@@ -90,6 +90,11 @@ class Workspace:
         return self.root / "reports"
 
     @property
+    def init_cache_dir(self) -> Path:
+        """Seeded random initialisations of the backbones, shared by every dataset under data_dir."""
+        return self.data_dir / "cache" / "random_init"
+
+    @property
     def incoming_dir(self) -> Path:
         return self.dataset_dir / "incoming"
 

@@ -112,7 +112,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         name=f"embeddings_{spec.name}",
         deps=[dg.AssetKey("item_images")],
         group_name="features",
-        code_version=f"{EMBEDDINGS_CODE_VERSION}:{spec.pooled_node}:{spec.spatial_node}:{spec.weights}",
+        code_version=f"{EMBEDDINGS_CODE_VERSION}:{spec.pooled_node}:{spec.spatial_node}:{spec.weights}:r{spec.revision}",
         description=f"{spec.name} features (torchvision, {spec.weights}) of every ok thumbnail: pooled `{spec.pooled_node}` "
         f"float32{spatial_text}. Only new or changed images are computed; rows live in `embedding_index`.",
         kinds={"pytorch", "duckdb"},
@@ -122,7 +122,13 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: EmbeddingConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
     ) -> dg.MaterializeResult:
         ws = settings.workspace.ensure()
-        backbone = load_backbone(spec, config.weights, seed=config.seed, download_timeout_s=config.download_timeout_s)
+        backbone = load_backbone(
+            spec,
+            config.weights,
+            seed=config.seed,
+            download_timeout_s=config.download_timeout_s,
+            init_cache_dir=ws.init_cache_dir,
+        )
         choice = backbone.weights
         if choice.warning:
             _loud(context, choice.warning)
@@ -132,7 +138,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         with duckdb.get_connection() as conn:
             _require_item_images(conn)
             store.ensure_tables(conn)
-            todo = store.todo_items(conn, ws.features_dir, spec.name, choice.tag)
+            todo = store.todo_items(conn, ws.features_dir, spec.name, choice.tag, spec.revision)
             statuses = conn.execute(
                 "SELECT status, count(*) AS items, any_value(reason) AS example_reason FROM item_images "
                 "GROUP BY status ORDER BY status"
@@ -189,7 +195,9 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             "preprocessing": repr(backbone.transform).replace("\n", " "),
         }
         with duckdb.get_connection() as conn:
-            pruned = store.commit_index(conn, spec.name, choice.tag, writer.shard, rows, provenance)
+            pruned = store.commit_index(
+                conn, spec.name, choice.tag, writer.shard, rows, provenance, spec.revision
+            )
         compacted = store.compact(duckdb.get_connection, ws.features_dir, spec.name, max_shards=config.max_shards)
         with duckdb.get_connection() as conn:
             written = {(choice.tag, writer.shard)} if writer.shard else set()

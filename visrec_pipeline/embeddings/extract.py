@@ -54,9 +54,16 @@ class LoadedBackbone:
 
 
 def load_backbone(
-    spec: BackboneSpec, weights: str = "auto", *, seed: int = 0, download_timeout_s: float = 10.0
+    spec: BackboneSpec,
+    weights: str = "auto",
+    *,
+    seed: int = 0,
+    download_timeout_s: float = 10.0,
+    init_cache_dir: str | os.PathLike | None = None,
 ) -> LoadedBackbone:
-    model, choice = build_model(spec, weights, seed=seed, download_timeout_s=download_timeout_s)
+    model, choice = build_model(
+        spec, weights, seed=seed, download_timeout_s=download_timeout_s, init_cache_dir=init_cache_dir
+    )
     if choice.warning:
         log.warning(choice.warning)
     return LoadedBackbone(spec, spec.feature_extractor(model), spec.transforms(), choice)
@@ -131,13 +138,28 @@ def prepare_model(
     return backbone.prepared[key]
 
 
+def _converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``module`` with its floating-point tensors in ``dtype``, converted while copying
+    (one pass over the weights instead of an fp32 copy and then a conversion), in ``module``'s
+    train/eval mode: a deep copy of torchvision's feature extractor comes back in training mode, which
+    made AlexNet's bf16 features go through its classifier's Dropout."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.to(dtype)
+    return copy.deepcopy(module, memo).to(dtype).train(module.training)
+
+
 def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool) -> PreparedModel:
     base = backbone.extractor.to(dev, memory_format=torch.channels_last).eval()
     if dev.type == "cuda":
         return PreparedModel(base, torch.float32, amp, "eager")
     model, dtype = base, torch.float32
     if amp is not None:
-        model, dtype = copy.deepcopy(base).to(amp), amp
+        model, dtype = _converted_copy(base, amp), amp
     if not cpu_graph:
         return PreparedModel(model, dtype, None, "eager")
     crop = int(backbone.transform.crop_size[0])

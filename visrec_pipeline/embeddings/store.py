@@ -123,10 +123,12 @@ def missing_shards(conn: duckdb.DuckDBPyConnection, features_dir: str | Path, ba
     )
 
 
-def todo_items(conn: duckdb.DuckDBPyConnection, features_dir: str | Path, backbone: str, weights_tag: str) -> pd.DataFrame:
-    """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag``."""
+def todo_items(
+    conn: duckdb.DuckDBPyConnection, features_dir: str | Path, backbone: str, weights_tag: str, revision: int = 0
+) -> pd.DataFrame:
+    """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag`` at ``revision``."""
     missing = missing_shards(conn, features_dir, backbone)
-    return conn.execute(db.sql("embeddings_todo"), [backbone, weights_tag, missing]).df()
+    return conn.execute(db.sql("embeddings_todo"), [backbone, weights_tag, missing, int(revision)]).df()
 
 
 def commit_index(
@@ -136,14 +138,15 @@ def commit_index(
     shard: str | None,
     rows: pd.DataFrame,
     provenance: dict,
+    revision: int = 0,
 ) -> int:
     """Point the index at the new shard's ``rows`` (``item_id, row, content_hash``), drop rows of
     other weights or of items no longer ok, record provenance; one transaction. Returns rows dropped."""
     if len(rows) and not shard:
         raise ValueError("index rows given without the shard that holds them")
     ensure_tables(conn)
-    new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, shard=shard or "")[
-        ["backbone", "weights_tag", "item_id", "shard", "row", "content_hash"]
+    new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, shard=shard or "", revision=int(revision))[
+        ["backbone", "weights_tag", "item_id", "shard", "row", "content_hash", "revision"]
     ]
     conn.register("_new_embedding_rows", new_rows)
     try:
@@ -155,8 +158,10 @@ def commit_index(
             ).fetchone()[0]
             if len(new_rows):
                 conn.execute(
-                    'INSERT OR REPLACE INTO embedding_index (backbone, weights_tag, item_id, shard, "row", content_hash, computed_at) '
-                    "SELECT backbone, weights_tag, item_id, shard, \"row\", content_hash, now()::TIMESTAMP FROM _new_embedding_rows"
+                    "INSERT OR REPLACE INTO embedding_index "
+                    '(backbone, weights_tag, item_id, shard, "row", content_hash, computed_at, revision) '
+                    'SELECT backbone, weights_tag, item_id, shard, "row", content_hash, now()::TIMESTAMP, revision '
+                    "FROM _new_embedding_rows"
                 )
             p = provenance
             conn.execute(

@@ -5,7 +5,8 @@
 - ``imagenet``: the torchvision ImageNet weights of the spec (honours ``TORCH_HOME``: the
   cached file ``torch.hub.get_dir()/checkpoints/<name from weights.url>`` is used when present,
   otherwise downloaded with a short socket timeout and its SHA-256 prefix checked);
-- ``random``: torchvision's own initialisation after ``torch.manual_seed(seed)``;
+- ``random``: torchvision's own initialisation after ``torch.manual_seed(seed)`` (kept in an
+  optional cache folder, so later builds load it instead of re-running the initialisation);
 - ``auto``: ImageNet when loadable, otherwise random init with a loud warning;
 - a path to a state dict file (``torch.load(weights_only=True)``).
 
@@ -16,6 +17,7 @@ its content, so replacing it recomputes the features).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import urllib.request
@@ -24,11 +26,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
 from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.embeddings.backbones import BackboneSpec
+
+log = logging.getLogger(__name__)
 
 # Set to skip download attempts entirely (cache only) on machines known to be offline.
 OFFLINE_ENV = "VISREC_OFFLINE"
@@ -102,28 +107,76 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _empty_model(spec: BackboneSpec) -> nn.Module:
+    """The architecture with its tensors on the meta device: no initialisation is run (0.2-0.3 s
+    for ResNet-50 / AlexNet on CPU) for values a state dict replaces anyway."""
+    with torch.device("meta"):
+        return spec.builder(weights=None)
+
+
 def _load_state_dict(model: nn.Module, state: object, source: str) -> None:
+    """Load ``state`` into ``model`` (which may be on the meta device: its tensors are then the state's)."""
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"{source} does not fit {type(model).__name__}: {exc}") from exc
 
 
-def random_model(spec: BackboneSpec, seed: int) -> nn.Module:
-    """torchvision's initialisation, reproducible: the global RNG is seeded inside a fork and restored."""
+def _state_model(spec: BackboneSpec, state: object, source: str) -> nn.Module:
+    """``spec``'s model holding ``state``."""
+    model = _empty_model(spec)
+    _load_state_dict(model, state, source)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # a buffer no state dict carries (non-persistent) stayed uninitialised: the slow way
+        model = spec.builder(weights=None)
+        _load_state_dict(model, state, source)
+    return model
+
+
+def random_init_cache_path(cache_dir: str | os.PathLike, spec: BackboneSpec, seed: int) -> Path:
+    """The cached initialisation of ``spec`` for ``seed``; torch's RNG and torchvision's init code define it."""
+    builder = f"{spec.builder.__module__}.{spec.builder.__qualname__}"
+    return Path(cache_dir) / f"{builder}-seed{int(seed)}-torch{torch.__version__}-torchvision{torchvision.__version__}.pt"
+
+
+def random_model(spec: BackboneSpec, seed: int, cache_dir: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision's initialisation, reproducible: the global RNG is seeded inside a fork and restored.
+
+    With ``cache_dir`` the initialised state dict is saved there once and loaded (memory-mapped) by
+    later builds: running the initialisation costs 0.2-0.3 s per build on CPU, a third of what a
+    small incremental extraction costs in all. An unreadable cache file is rebuilt."""
+    path = random_init_cache_path(cache_dir, spec, seed) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            return _state_model(spec, torch.load(path, map_location="cpu", weights_only=True, mmap=True), str(path))
+        except Exception as exc:  # a truncated or foreign file: fall through and rebuild it
+            log.warning(f"random-init cache {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return spec.builder(weights=None)
+        model = spec.builder(weights=None)
+    if path is not None:
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(model.state_dict(), tmp)
+        except OSError as exc:  # read-only or full disk: the cache is an optimisation only
+            log.warning(f"could not write random-init cache {path}: {exc}")
+    return model
 
 
 def build_model(
-    spec: BackboneSpec, weights: str = "auto", *, seed: int = 0, download_timeout_s: float = 10.0
+    spec: BackboneSpec,
+    weights: str = "auto",
+    *,
+    seed: int = 0,
+    download_timeout_s: float = 10.0,
+    init_cache_dir: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, WeightsChoice]:
-    """The backbone in eval mode on the CPU, and which weights it carries."""
+    """The backbone in eval mode on the CPU, and which weights it carries (``init_cache_dir``: see
+    :func:`random_model`)."""
     name = spec.weights._name_
     if weights in ("imagenet", "auto"):
         try:
@@ -141,18 +194,17 @@ def build_model(
                     f"at {imagenet_cache_path(spec.weights)} (or set weights to a state dict path) and re-run."
                 ),
             )
-            return random_model(spec, seed).eval(), choice
-        model = spec.builder(weights=None)
-        _load_state_dict(model, state, f"cached ImageNet weights {imagenet_cache_path(spec.weights)}")
+            return random_model(spec, seed, init_cache_dir).eval(), choice
+        model = _state_model(spec, state, f"cached ImageNet weights {imagenet_cache_path(spec.weights)}")
         return model.eval(), WeightsChoice(weights, f"imagenet:{name}", f"ImageNet ({spec.weights})")
     if weights == "random":
-        return random_model(spec, seed).eval(), WeightsChoice(weights, f"random:seed={seed}", f"random init (seed {seed})")
+        model = random_model(spec, seed, init_cache_dir)
+        return model.eval(), WeightsChoice(weights, f"random:seed={seed}", f"random init (seed {seed})")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"weights setting {weights!r} is neither imagenet|random|auto nor an existing state dict file"
         )
-    model = spec.builder(weights=None)
-    _load_state_dict(model, torch.load(path, map_location="cpu", weights_only=True), f"weights file {path}")
+    model = _state_model(spec, torch.load(path, map_location="cpu", weights_only=True), f"weights file {path}")
     digest = _file_digest(path)
     return model.eval(), WeightsChoice(weights, f"file:{digest[:16]}", f"state dict {path} (sha256 {digest[:16]})")

@@ -307,19 +307,36 @@ class _Similarity:
         # sorted (profile, artist) keys to count artist occurrences per profile
         self.pa_keys = np.sort(profiles.row_ids() * self.n_artists + artist[profiles.indices])
 
-    def __call__(self, prof: np.ndarray, items: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    def __call__(self, prof: np.ndarray, items: np.ndarray) -> np.ndarray:
         prof = np.asarray(prof, np.int64).reshape(-1)
         items = np.asarray(items, np.int64).reshape(-1)
-        visual = np.empty(prof.size, np.float32)
-        # small chunks keep the gathered rows in cache (4x faster than large ones)
-        for s in range(0, prof.size, chunk):
-            p = torch.from_numpy(prof[s : s + chunk])
-            it = torch.from_numpy(items[s : s + chunk])
-            visual[s : s + chunk] = (self.centroids[p] * self.fhat[it]).sum(1).numpy()
+        visual = self._visual(prof, items)
         keys = prof * self.n_artists + self.artist[items]
         count = np.searchsorted(self.pa_keys, keys, "right") - np.searchsorted(self.pa_keys, keys, "left")
         share = count / np.maximum(self.lengths[prof], 1)
         return self.alpha * visual + (1.0 - self.alpha) * share.astype(np.float32)
+
+    def _visual(self, prof: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """centroid . item for each pair, as one sampled dense-dense product over the distinct pairs
+        (torch.sparse.sampled_addmm): 12x faster on CPU than gathering both rows per pair."""
+        if prof.size == 0:
+            return np.zeros(0, np.float32)
+        n_items = self.fhat.shape[0]
+        pairs, inverse = np.unique(prof * n_items + items, return_inverse=True)
+        rows = pairs // n_items
+        crow = np.zeros(self.centroids.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=self.centroids.shape[0]), out=crow[1:])
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                torch.from_numpy(crow),
+                torch.from_numpy(pairs % n_items),
+                torch.zeros(pairs.size, dtype=self.fhat.dtype),
+                size=(self.centroids.shape[0], n_items),
+                check_invariants=False,  # np.unique: sorted by row, then column
+            )
+            product = torch.sparse.sampled_addmm(pattern, self.centroids, self.fhat.T, beta=0.0)
+        return product.values().numpy()[inverse.reshape(-1)]
 
 
 def build_guided_triples(

