@@ -505,8 +505,28 @@ def test_a_small_job_runs_eager_and_decodes_in_process(images):
     big, big_sink = run(bb, images[:3], num_workers=None, small_job=2)
     assert big.graph == "jit+onednn" and big.num_workers > 0
     np.testing.assert_allclose(sink.result()[1], big_sink.result()[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sink.result()[2], big_sink.result()[2], rtol=1e-3, atol=1e-3)  # spatial, float16
     # an explicit worker count is kept
     assert run(bb, images[:3], num_workers=1, small_job=64)[0].num_workers == 1
+
+
+def test_a_small_job_reads_the_nodes_by_hooks_that_leave_the_model_as_it_was(images):
+    for spec in (RESNET18, BACKBONES["alexnet"]):
+        light, traced = (load_backbone(spec, "random", seed=2) for _ in range(2))
+        _, sink = run(light, images[:3], small_job=64)
+        assert "extractor" not in vars(light)  # nothing was traced for it
+        _, ref = run(traced, images[:3], small_job=0)
+        np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
+        assert all(not m._forward_hooks for m in light.model.modules())
+        # the light and the traced variants of one backbone coexist
+        _, again = run(light, images[:3], small_job=0)
+        np.testing.assert_allclose(again.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
+    # a node that is a function call, not a submodule, cannot be hooked: the traced extractor is used
+    flat = BackboneSpec("resnet18_flat", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "flatten")
+    bb = load_backbone(flat, "random", seed=2)
+    assert flat.hooked_extractor(bb.model) is None
+    stats, sink = run(bb, images[:2], small_job=64)
+    assert stats.n_ok == 2 and sink.result()[1].shape == (2, 512)
 
 
 def test_a_short_batch_runs_eager_so_the_graph_keeps_one_input_shape(images):

@@ -48,12 +48,55 @@ class BackboneSpec:
         """The preprocessing the declared weights were trained with (resize, centre crop, normalise)."""
         return self.weights.transforms()
 
-    def feature_extractor(self, model: nn.Module) -> nn.Module:
-        """One forward pass giving ``{"pooled": ..., "spatial": ...}`` (inference only: batch norms are folded)."""
+    @property
+    def return_nodes(self) -> dict[str, str]:
+        """graph node -> output key"""
         nodes = {self.pooled_node: "pooled"}
         if self.spatial_node:
             nodes[self.spatial_node] = "spatial"
-        return create_feature_extractor(fold_batchnorm(model.eval()), return_nodes=nodes).eval()
+        return nodes
+
+    def hooked_extractor(self, model: nn.Module) -> nn.Module | None:
+        """The same outputs as :meth:`feature_extractor`, read off ``model``'s own forward by hooks:
+        nothing to trace or fold, so it is built in microseconds instead of ~0.25 s (ResNet-50) and
+        suits a handful of images. None when a node is not a submodule (a function call in the graph)."""
+        names = {name for name, _ in model.named_modules()}
+        if not all(node in names for node in self.return_nodes):
+            return None
+        return HookedExtractor(model, self.return_nodes)
+
+    def feature_extractor(self, model: nn.Module) -> nn.Module:
+        """One forward pass giving ``{"pooled": ..., "spatial": ...}`` (inference only: batch norms are folded)."""
+        return create_feature_extractor(fold_batchnorm(model.eval()), return_nodes=self.return_nodes).eval()
+
+
+class HookedExtractor(nn.Module):
+    """``{key: output of submodule}`` for the submodules named in ``nodes``, captured by forward hooks
+    while the whole model runs (the layers after the last node cost little: ResNet's fc, AlexNet's fc8).
+    The hooks exist only during a forward, so ``model`` stays as it was for anyone else using it."""
+
+    def __init__(self, model: nn.Module, nodes: dict[str, str]):
+        super().__init__()
+        self.model = model
+        self.nodes = dict(nodes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(key: str, _module: nn.Module, _args, output: torch.Tensor) -> None:
+            # a copy: a later in-place layer (ReLU(inplace=True)) must not change what was captured
+            outputs[key] = output.clone()
+
+        handles = [
+            self.model.get_submodule(node).register_forward_hook(functools.partial(keep, key))
+            for node, key in self.nodes.items()
+        ]
+        try:
+            self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ features in memory.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import multiprocessing
 import os
@@ -45,12 +46,18 @@ Progress = Callable[[int, int, float], None]
 @dataclass
 class LoadedBackbone:
     spec: BackboneSpec
-    extractor: nn.Module  # returns {"pooled": ..., "spatial": ...}
+    model: nn.Module  # the torchvision model, eval mode
     transform: nn.Module  # exactly spec.weights.transforms()
     weights: WeightsChoice
     # Models prepared for a device / precision / graph mode (see prepare_model), kept so that a
     # process extracting several times traces once.
     prepared: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def extractor(self) -> nn.Module:
+        """The traced feature extractor returning ``{"pooled": ..., "spatial": ...}`` (batch norms folded
+        into ``model``'s convolutions); built on first use: small jobs read ``model`` with hooks instead."""
+        return self.spec.feature_extractor(self.model)
 
 
 def load_backbone(
@@ -66,7 +73,7 @@ def load_backbone(
     )
     if choice.warning:
         log.warning(choice.warning)
-    return LoadedBackbone(spec, spec.feature_extractor(model), spec.transforms(), choice)
+    return LoadedBackbone(spec, model, spec.transforms(), choice)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,16 +133,29 @@ class PreparedModel:
 
 
 def prepare_model(
-    backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool = True
+    backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool = True, light: bool = False
 ) -> PreparedModel:
-    """The model as it will run (cached on ``backbone``). ``backbone.extractor`` itself is only ever moved
-    to ``dev`` (channels-last): the bf16 and traced variants are copies, so one LoadedBackbone can run at
-    several precisions."""
+    """The model as it will run (cached on ``backbone``). ``backbone.extractor`` / ``.model`` are only
+    ever moved to ``dev`` (channels-last): the bf16 and traced variants are copies, so one LoadedBackbone
+    can run at several precisions. ``light``: a few images, eager, outputs read by hooks where the
+    spec's nodes are modules (no trace, no batch-norm folding to pay for)."""
     # The thread count is part of the key: fused oneDNN partitions keep the one they were compiled with.
-    key = (str(dev), amp, cpu_graph and dev.type == "cpu", torch.get_num_threads())
+    key = (str(dev), amp, cpu_graph and dev.type == "cpu" and not light, light, torch.get_num_threads())
     if key not in backbone.prepared:
-        backbone.prepared[key] = _prepare(backbone, dev, amp, cpu_graph)
+        prepared = _prepare_light(backbone, dev, amp) if light else None
+        backbone.prepared[key] = prepared or _prepare(backbone, dev, amp, cpu_graph)
     return backbone.prepared[key]
+
+
+def _prepare_light(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None) -> PreparedModel | None:
+    base = backbone.model.to(dev, memory_format=torch.channels_last).eval()
+    model, dtype, autocast = base, torch.float32, None
+    if dev.type == "cuda":
+        autocast = amp
+    elif amp is not None:
+        model, dtype = _converted_copy(base, amp), amp
+    hooked = backbone.spec.hooked_extractor(model)
+    return PreparedModel(hooked, dtype, autocast, "eager") if hooked is not None else None
 
 
 def _converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -312,7 +332,7 @@ def extract_features(
     with ExitStack() as stack:
         stats.retained_memory = stack.enter_context(retain_freed_memory(retain_memory))
         t_prep = time.perf_counter()
-        prepared = prepare_model(backbone, dev, amp, cpu_graph)
+        prepared = prepare_model(backbone, dev, amp, cpu_graph, light=small)
         stats.prepare_seconds = time.perf_counter() - t_prep
         stats.graph = prepared.graph
         if prepared.note:
