@@ -103,9 +103,15 @@ def thumbnail_loader(paths: list[Path | None], size: int = 256) -> Callable[[tor
     return load
 
 
-def build_inputs(ws: Workspace, needs: frozenset[str], data: RecData) -> FitInputs:
+def build_inputs(
+    ws: Workspace, needs: frozenset[str], data: RecData, conn: duckdb.DuckDBPyConnection | None = None
+) -> FitInputs:
     """Load the side inputs a model declares (``features:<bb>``, ``spatial:<bb>``, ``images``,
-    ``creators``/``clusters`` for guided triples), aligned with ``data.items``."""
+    ``creators``/``clusters`` for guided triples), aligned with ``data.items``; through ``conn`` if
+    given (opening a DuckDB database costs ~15 ms), else a connection of its own."""
+    if conn is None:
+        with db.connect(ws.db_path) as own:
+            return build_inputs(ws, needs, data, own)
     inputs = FitInputs()
     item_ids = data.items.ids
     for need in needs:
@@ -113,20 +119,19 @@ def build_inputs(ws: Workspace, needs: frozenset[str], data: RecData) -> FitInpu
         if kind == "features":
             from visrec_pipeline.embeddings.store import load_pooled
 
-            inputs.features, inputs.feature_mask = load_pooled(ws.db_path, ws.features_dir, backbone, item_ids)
+            inputs.features, inputs.feature_mask = load_pooled(conn, ws.features_dir, backbone, item_ids)
         elif kind == "spatial":
             from visrec_pipeline.embeddings.store import load_spatial
 
-            inputs.spatial, mask = load_spatial(ws.db_path, ws.features_dir, backbone, item_ids)
+            inputs.spatial, mask = load_spatial(conn, ws.features_dir, backbone, item_ids)
             if inputs.feature_mask is None:
                 inputs.feature_mask = mask
     if "triples_guided" in needs:
         inputs.extra["triples_guided"] = load_guided_triples(ws, data.items)
-    with db.connect(ws.db_path) as conn:
-        if "images" in needs:
-            inputs.images = thumbnail_loader(item_image_paths(conn, ws, data.items))
-        inputs.creators = item_creators(conn, data.items)
-        inputs.clusters = item_clusters(conn, data.items)
+    if "images" in needs:
+        inputs.images = thumbnail_loader(item_image_paths(conn, ws, data.items))
+    inputs.creators = item_creators(conn, data.items)
+    inputs.clusters = item_clusters(conn, data.items)
     return inputs
 
 

@@ -194,18 +194,27 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             "spatial_channels": spatial[1] if spatial else None,
             "preprocessing": repr(backbone.transform).replace("\n", " "),
         }
-        with duckdb.get_connection() as conn:
-            pruned = store.commit_index(
-                conn, spec.name, choice.tag, writer.shard, rows, provenance, spec.revision
-            )
-        compacted = store.compact(duckdb.get_connection, ws.features_dir, spec.name, max_shards=config.max_shards)
-        with duckdb.get_connection() as conn:
-            written = {(choice.tag, writer.shard)} if writer.shard else set()
+        written = {(choice.tag, writer.shard)} if writer.shard else set()
+
+        def tidy(conn):
             superseded = (shards_before | written) - store.referenced_shards(conn, spec.name)
             files_removed = store.remove_unreferenced(conn, ws.features_dir, spec.name, superseded)
             snap = store.snapshot(conn, ws.features_dir, spec.name)
             path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
-            n_shards = len(store.referenced_shards(conn, spec.name))
+            return files_removed, snap, path_rows, len(store.referenced_shards(conn, spec.name))
+
+        compacted = None
+        with duckdb.get_connection() as conn:  # one connection unless the shards need compacting
+            pruned = store.commit_index(
+                conn, spec.name, choice.tag, writer.shard, rows, provenance, spec.revision
+            )
+            compact = len(store.referenced_shards(conn, spec.name)) > config.max_shards
+            if not compact:
+                files_removed, snap, path_rows, n_shards = tidy(conn)
+        if compact:  # copies features with no connection held
+            compacted = store.compact(duckdb.get_connection, ws.features_dir, spec.name, max_shards=config.max_shards)
+            with duckdb.get_connection() as conn:
+                files_removed, snap, path_rows, n_shards = tidy(conn)
         paths_by_id = _ThumbnailPaths(ws.root, path_rows)
         grid = _neighbour_grid(snap, paths_by_id, config.neighbour_queries, config.neighbours)
 

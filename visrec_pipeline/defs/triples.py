@@ -75,8 +75,8 @@ def triples_guided(
     sampler_config = GuidedSamplerConfig(**to_dataclass_kwargs(GuidedSamplerConfig, config))
     with duckdb.get_connection() as conn:
         data = load_rec_data(conn)
-    fit, _validation = data.validation_split()
-    inputs = build_inputs(ws, frozenset({f"features:{FEATURE_BACKBONE}"}), fit)
+        fit, _validation = data.validation_split()
+        inputs = build_inputs(ws, frozenset({f"features:{FEATURE_BACKBONE}"}), fit, conn)
     started = time.perf_counter()
     triples = build_guided_triples(
         fit.train,
