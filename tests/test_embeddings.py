@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import platform
 import re
 import socket
@@ -518,6 +519,10 @@ def test_a_small_job_reads_the_nodes_by_hooks_that_leave_the_model_as_it_was(ima
         _, ref = run(traced, images[:3], small_job=0)
         np.testing.assert_allclose(sink.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
         assert all(not m._forward_hooks for m in light.model.modules())
+        bf16 = run(light, images[:3], small_job=64, precision="bf16")[1].result()[1]
+        rp = ref.result()[1]
+        assert ((bf16 * rp).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(rp, axis=1)).min() > 0.999
+        assert light.model.conv1.weight.dtype == torch.float32 if spec is RESNET18 else True  # bf16 is a copy
         # the light and the traced variants of one backbone coexist
         _, again = run(light, images[:3], small_job=0)
         np.testing.assert_allclose(again.result()[1], ref.result()[1], rtol=1e-4, atol=1e-5)
@@ -564,3 +569,29 @@ def test_decode_workers_are_forked_even_where_forkserver_is_the_default(images):
     loader = _loader(ImageFileDataset(images, bb.transform), 2, 1, False)
     assert loader.multiprocessing_context.get_start_method() == "fork"
     assert _loader(ImageFileDataset(images, bb.transform), 2, 0, False).multiprocessing_context is None
+
+
+def test_preview_queries_are_stable_and_unchanged_grids_come_from_the_cache(images, tmp_path):
+    from visrec_pipeline.embeddings import preview
+
+    ids = np.arange(1000, 2500)
+    picked = preview.stable_sample(ids, 4)
+    assert picked.size == 4 and np.all(np.diff(picked) > 0) and np.isin(picked, ids).all()
+    grown = preview.stable_sample(np.arange(1000, 2515), 4)  # 15 new items: at most a new id or so joins
+    assert np.isin(picked, grown).sum() >= 3
+    assert preview.stable_sample(ids[:3], 4).tolist() == ids[:3].tolist()
+
+    cache = preview.GridCache(tmp_path / "grids", keep=2)
+    tiles, captions = [images[0], images[1], None], ["a", "b", "c"]
+    first = cache.png(tiles, captions, cols=3)
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 1
+    rendered = preview.GridCache(None).png(tiles, captions, cols=3)
+    assert first == rendered and cache.png(tiles, captions, cols=3) == first
+    assert cache.png(tiles, ["a", "b", "changed"], cols=3) != first  # captions are part of the key
+    tile = jpeg(tmp_path / "tile.jpg", 98)
+    before = cache.png([tile], ["x"], cols=1)
+    jpeg(tile, 99, size=64)  # the same path with other content
+    assert cache.png([tile], ["x"], cols=1) != before
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 2  # only the last `keep` are kept
+    with Image.open(io.BytesIO(first)) as im:
+        assert im.format == "PNG" and im.size[0] > 3 * preview.TILE

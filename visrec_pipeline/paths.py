@@ -90,6 +90,11 @@ class Workspace:
         return self.root / "reports"
 
     @property
+    def previews_dir(self) -> Path:
+        """The last few preview grids shown in asset metadata, kept to skip re-rendering unchanged ones."""
+        return self.root / "previews"
+
+    @property
     def init_cache_dir(self) -> Path:
         """Seeded random initialisations of the backbones, shared by every dataset under data_dir."""
         return self.data_dir / "cache" / "random_init"

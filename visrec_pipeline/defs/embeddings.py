@@ -87,16 +87,17 @@ def _require_item_images(conn) -> None:
         raise RuntimeError("table item_images does not exist: materialize the item_images asset first")
 
 
-def _neighbour_grid(snap: store.FeatureSnapshot, paths: dict[int, Path], n_queries: int, k: int) -> bytes | None:
+def _neighbour_grid(
+    snap: store.FeatureSnapshot, paths: dict[int, Path], n_queries: int, k: int, cache: preview.GridCache
+) -> bytes | None:
     ids = snap.item_ids
     if len(ids) < 2 or n_queries == 0:
         return None
-    query_ids = ids[np.linspace(0, len(ids) - 1, min(n_queries, len(ids))).round().astype(int)]
-    query_ids = np.unique(query_ids)
+    query_ids = preview.stable_sample(ids, n_queries)  # the same queries refresh after refresh
     qf, _ = snap.pooled(query_ids)
     chunks = ((ids[lo : lo + _NEIGHBOUR_CHUNK], snap.pooled(ids[lo : lo + _NEIGHBOUR_CHUNK])[0]) for lo in range(0, len(ids), _NEIGHBOUR_CHUNK))
     nn_ids, nn_sims = cosine_neighbours(query_ids, qf, chunks, k)
-    return preview.neighbours_png(paths, query_ids.tolist(), nn_ids, nn_sims)
+    return preview.neighbours_png(paths, query_ids.tolist(), nn_ids, nn_sims, cache)
 
 
 def _loud(context: dg.AssetExecutionContext, warning: str) -> None:
@@ -216,7 +217,10 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             with duckdb.get_connection() as conn:
                 files_removed, snap, path_rows, n_shards = tidy(conn)
         paths_by_id = _ThumbnailPaths(ws.root, path_rows)
-        grid = _neighbour_grid(snap, paths_by_id, config.neighbour_queries, config.neighbours)
+        grid = _neighbour_grid(
+            snap, paths_by_id, config.neighbour_queries, config.neighbours,
+            preview.GridCache(ws.previews_dir / f"similar_{spec.name}"),
+        )
 
         failures_md = pd.DataFrame(
             [(int(item_ids[p]), e) for p, e in stats.failures[:20]], columns=["item_id", "error"]
@@ -360,14 +364,11 @@ def visual_clusters(
         "weights_warning": snap.provenance.get("weights_warning") or "none",
     }
     if len(ids) and config.preview_clusters:
-        paths = _ThumbnailPaths(ws.root, path_rows)
-        tiles, captions = [], []
-        for c in range(min(config.preview_clusters, len(sizes))):
-            members = ids[labels == c][: config.samples_per_cluster]
-            for m in range(config.samples_per_cluster):
-                tiles.append(preview.load_tile(paths.get(int(members[m])) if m < len(members) else None))
-                captions.append(f"cluster {c}" if m == 0 else (str(int(members[m])) if m < len(members) else ""))
-        metadata["cluster_samples"] = _png_md(preview.grid_png(tiles, captions, cols=config.samples_per_cluster), "cluster samples")
+        png = preview.cluster_samples_png(
+            _ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
+            config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"),
+        )
+        metadata["cluster_samples"] = _png_md(png, "cluster samples")
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -148,29 +148,34 @@ def prepare_model(
 
 
 def _prepare_light(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None) -> PreparedModel | None:
-    base = backbone.model.to(dev, memory_format=torch.channels_last).eval()
-    model, dtype, autocast = base, torch.float32, None
-    if dev.type == "cuda":
-        autocast = amp
-    elif amp is not None:
-        model, dtype = _converted_copy(base, amp), amp
+    if dev.type == "cpu" and amp is not None:  # converted and made channels-last in one pass
+        model, dtype, autocast = _converted_copy(backbone.model.eval(), amp, channels_last=True), amp, None
+    else:
+        model = backbone.model.to(dev, memory_format=torch.channels_last).eval()
+        dtype, autocast = torch.float32, amp if dev.type == "cuda" else None
     hooked = backbone.spec.hooked_extractor(model)
     return PreparedModel(hooked, dtype, autocast, "eager") if hooked is not None else None
 
 
-def _converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _converted_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
     """A deep copy of ``module`` with its floating-point tensors in ``dtype``, converted while copying
     (one pass over the weights instead of an fp32 copy and then a conversion), in ``module``'s
     train/eval mode: a deep copy of torchvision's feature extractor comes back in training mode, which
     made AlexNet's bf16 features go through its classifier's Dropout."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if channels_last and t.dim() == 4:
+            return t.detach().to(dtype, memory_format=torch.channels_last)
+        return t.detach().to(dtype)
+
     memo: dict[int, object] = {}
     for p in module.parameters():
         if p.is_floating_point():
-            memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            memo[id(p)] = nn.Parameter(convert(p), requires_grad=p.requires_grad)
     for b in module.buffers():
         if b.is_floating_point():
-            memo[id(b)] = b.to(dtype)
-    return copy.deepcopy(module, memo).to(dtype).train(module.training)
+            memo[id(b)] = convert(b)
+    out = copy.deepcopy(module, memo).to(dtype)
+    return (out.to(memory_format=torch.channels_last) if channels_last else out).train(module.training)
 
 
 def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None, cpu_graph: bool) -> PreparedModel:
