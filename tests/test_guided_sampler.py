@@ -211,18 +211,36 @@ def test_batches_cover_each_triple_once_with_its_profile(world):
 
 
 def test_pair_similarity_matches_the_dense_product_with_repeated_and_no_pairs():
-    from visrec_pipeline.recsys.guided_sampler import _Similarity
     from visrec_pipeline.recsys.data import CSR
+    from visrec_pipeline.recsys.guided_sampler import _row_sums, _Similarity
 
     rng = np.random.default_rng(1)
     n_items, d = 30, 8
-    fhat = rng.standard_normal((n_items, d)).astype(np.float32)
+    fhat = torch.from_numpy(rng.standard_normal((n_items, d)).astype(np.float32))
     rows = rng.integers(0, 6, 40)
     profiles = CSR.from_pairs(rows, rng.integers(0, n_items, 40), 6, n_items)
     artist = rng.integers(0, 4, n_items)
-    sim = _Similarity(profiles, fhat, artist, alpha=1.0)
-    dense = sim.centroids.numpy() @ fhat.T
+    sim = _Similarity(profiles, _row_sums(profiles.indptr, profiles.indices, fhat), fhat, artist, alpha=1.0)
+    dense = profiles.to_dense() @ fhat / torch.from_numpy(np.maximum(profiles.lengths(), 1))[:, None].float()
+    np.testing.assert_allclose(sim.centroids.numpy(), dense.numpy(), rtol=1e-5, atol=1e-6)
+    dense = dense.numpy() @ fhat.numpy().T
     prof = np.array([0, 5, 5, 2, 0, 5, 3])  # repeated pairs, several orders
     items = np.array([3, 7, 7, 0, 3, 29, 11])
-    np.testing.assert_allclose(sim(prof, items), dense[prof, items], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sim(prof, items), dense[prof, items], rtol=1e-5, atol=1e-5)
     assert sim(np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)
+
+
+def test_prefix_sums_match_summing_each_prefix():
+    from visrec_pipeline.recsys.guided_sampler import _prefix_sums
+
+    rng = np.random.default_rng(2)
+    lengths = np.array([5, 1, 0, 7, 3])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    t_items = rng.integers(0, 20, lengths.sum())
+    fhat = torch.from_numpy(rng.standard_normal((20, 4)).astype(np.float32))
+    users = np.array([3, 0, 3, 1, 3, 0, 4, 3])  # unsorted, several cuts per user
+    cuts = np.array([7, 2, 1, 1, 4, 5, 3, 2])
+    got = _prefix_sums(users, cuts, t_items, starts, fhat).numpy()
+    want = np.stack([fhat.numpy()[t_items[starts[u] : starts[u] + c]].sum(0) for u, c in zip(users, cuts)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert _prefix_sums(np.zeros(0, np.int64), np.zeros(0, np.int64), t_items, starts, fhat).shape == (0, 4)

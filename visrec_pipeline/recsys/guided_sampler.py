@@ -259,21 +259,72 @@ class GuidedTriples:
 # the builder
 
 
+def _row_sums(indptr: np.ndarray, indices: np.ndarray, dense: torch.Tensor) -> torch.Tensor:
+    """The sum of ``dense``'s rows listed in each CSR row (a sparse 0/1 matrix times ``dense``)."""
+    n_rows = indptr.size - 1
+    if n_rows == 0 or indices.size == 0:
+        return torch.zeros((n_rows, dense.shape[1]), dtype=dense.dtype)
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta; the product is exact
+        warnings.simplefilter("ignore", UserWarning)
+        sp = torch.sparse_csr_tensor(
+            torch.from_numpy(np.asarray(indptr, np.int64)),
+            torch.from_numpy(np.asarray(indices, np.int64)),
+            torch.ones(indices.size, dtype=dense.dtype),
+            size=(n_rows, dense.shape[0]),
+            check_invariants=False,  # built here: in range
+        )
+        return sp @ dense
+
+
+def _prefix_sums(users: np.ndarray, cuts: np.ndarray, t_items: np.ndarray, starts: np.ndarray, fhat: torch.Tensor) -> torch.Tensor:
+    """The sum of ``fhat`` over the first ``cuts[k]`` time-ordered items of ``users[k]``, for every k:
+    a segment sum between consecutive cuts of a user, then a running sum over the user's cuts, so each
+    item is read once per user instead of once per prefix holding it."""
+    order = np.lexsort((cuts, users))
+    u, c = users[order], cuts[order]
+    first = np.ones(u.size, bool)
+    first[1:] = u[1:] != u[:-1]
+    prev = np.zeros_like(c)
+    prev[1:] = c[:-1]
+    prev[first] = 0
+    seg_len = c - prev
+    seg, off = _segments(seg_len)
+    indptr = np.zeros(u.size + 1, np.int64)
+    np.cumsum(seg_len, out=indptr[1:])
+    sums = _row_sums(indptr, t_items[starts[u][seg] + prev[seg] + off], fhat)
+    rank = np.arange(u.size) - np.maximum.accumulate(np.where(first, np.arange(u.size), 0))
+    for k in range(1, int(rank.max()) + 1 if rank.size else 1):  # a handful of cuts per user
+        rows = torch.from_numpy(np.flatnonzero(rank == k))
+        sums[rows] += sums[rows - 1]
+    out = torch.empty_like(sums)
+    out[torch.from_numpy(order)] = sums
+    return out
+
+
 class _ProfileTable:
-    """Accumulates profiles (rows of items) and hands out local ids."""
+    """Accumulates profiles (rows of items) with the sum of their items' feature vectors, and hands
+    out local ids. The sums come from the guideline that built the profile (a user's sum minus one item,
+    running prefix sums...), far cheaper than summing every profile's items anew."""
 
     def __init__(self):
         self.lengths: list[np.ndarray] = []
         self.items: list[np.ndarray] = []
+        self.sums: list[torch.Tensor] = []
         self.n = 0
 
-    def add(self, lengths: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def add(self, lengths: np.ndarray, items: np.ndarray, sums: torch.Tensor) -> np.ndarray:
         lengths = np.asarray(lengths, np.int64)
+        if sums.shape[0] != lengths.size:
+            raise AssertionError(f"{sums.shape[0]} feature sums for {lengths.size} profiles")
         ids = np.arange(self.n, self.n + lengths.size, dtype=np.int64)
         self.lengths.append(lengths)
         self.items.append(np.asarray(items, np.int64))
+        self.sums.append(sums)
         self.n += lengths.size
         return ids
+
+    def feature_sums(self, dim: int) -> torch.Tensor:
+        return torch.cat(self.sums) if self.sums else torch.zeros((0, dim))
 
     def csr(self, n_items: int) -> CSR:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
@@ -285,25 +336,15 @@ class _ProfileTable:
 class _Similarity:
     """Hybrid visual + artist similarity between profiles and items."""
 
-    def __init__(self, profiles: CSR, fhat: np.ndarray, artist: np.ndarray, alpha: float):
+    def __init__(self, profiles: CSR, sums: torch.Tensor, fhat: torch.Tensor, artist: np.ndarray, alpha: float):
         self.alpha = float(alpha)
-        self.fhat = torch.from_numpy(fhat)
+        self.fhat = fhat
         self.artist = artist
         self.n_artists = int(artist.max()) + 1 if artist.size else 1
         lengths = profiles.lengths()
         self.lengths = lengths
-        # centroid of unit feature vectors = sparse (row-normalised) x dense
-        vals = (1.0 / np.maximum(lengths, 1))[profiles.row_ids()].astype(np.float32)
-        with warnings.catch_warnings():  # torch flags sparse CSR as beta; the product is exact
-            warnings.simplefilter("ignore", UserWarning)
-            sp = torch.sparse_csr_tensor(
-                torch.from_numpy(profiles.indptr),
-                torch.from_numpy(profiles.indices),
-                torch.from_numpy(vals),
-                size=(profiles.n_rows, profiles.n_cols),
-                check_invariants=False,  # built by CSR.from_pairs: sorted, in range
-            )
-        self.centroids = (sp @ self.fhat) if profiles.n_rows else torch.zeros((0, fhat.shape[1]))
+        # centroid of the profile's unit feature vectors
+        self.centroids = sums / torch.from_numpy(np.maximum(lengths, 1)).to(sums.dtype)[:, None]
         # sorted (profile, artist) keys to count artist occurrences per profile
         self.pa_keys = np.sort(profiles.row_ids() * self.n_artists + artist[profiles.indices])
 
@@ -371,7 +412,7 @@ def build_guided_triples(
     if bad.size:
         raise ValueError(f"non-finite feature values for item indices {bad[:5].tolist()} (first 5)")
     rng = np.random.default_rng(cfg.seed)
-    fhat = normalized_features(features, feature_mask, center=cfg.center_features)
+    fhat = torch.from_numpy(normalized_features(features, feature_mask, center=cfg.center_features))
     artist = artist_ids(n_items, creators, clusters)
     cluster = np.full(n_items, -1, np.int64) if clusters is None else np.asarray(clusters, np.int64)
     n_artists = int(artist.max()) + 1 if n_items else 0
@@ -392,6 +433,7 @@ def build_guided_triples(
         return member_keys[at] == keys
 
     table = _ProfileTable()
+    user_sums = _row_sums(train.indptr, train.indices, fhat)  # [n_users, d]
     q_prof, q_user, q_pos, q_guide = [], [], [], []
 
     def add_queries(prof, user, pos, g):
@@ -409,7 +451,7 @@ def build_guided_triples(
     sub = train.take_rows(u1)
     seg = sub.row_ids()
     keep = sub.indices != i1[seg]
-    add_queries(table.add(sub.lengths() - 1, sub.indices[keep]), u1, i1, 1)
+    add_queries(table.add(sub.lengths() - 1, sub.indices[keep], user_sums[u1] - fhat[i1]), u1, i1, 1)
 
     # G2: predict the next item in time from the prefix before it
     s, o = _sample_within_segments(lengths[multi] - 1, cfg.prefixes_per_user, rng)
@@ -417,21 +459,21 @@ def build_guided_triples(
     cut = o + 1  # prefix length, 1 .. |P|-1
     seg2, off2 = _segments(cut)
     prefix_items = t_items[starts[u2][seg2] + off2]
-    add_queries(table.add(cut, prefix_items), u2, t_items[starts[u2] + cut], 2)
+    add_queries(table.add(cut, prefix_items, _prefix_sums(u2, cut, t_items, starts, fhat)), u2, t_items[starts[u2] + cut], 2)
 
     # full profiles (G3, G4): one per user with at least one item
     has = np.flatnonzero(lengths >= 1)
     full_id = np.full(train.n_rows, -1, np.int64)
-    full_id[has] = table.add(lengths[has], train.take_rows(has).indices)
+    full_id[has] = table.add(lengths[has], train.take_rows(has).indices, user_sums[has])
 
     # G5/G6: artificial one-item profiles {p}
     s, o = _sample_within_segments(lengths[multi], cfg.single_profiles_per_user, rng)
     u56 = multi[s]
     p56 = train.indices[starts[u56] + o]
-    single_id = table.add(np.ones(p56.size, np.int64), p56)
+    single_id = table.add(np.ones(p56.size, np.int64), p56, fhat[p56])
 
     profiles = table.csr(n_items)
-    sim = _Similarity(profiles, fhat, artist, cfg.alpha)
+    sim = _Similarity(profiles, table.feature_sums(fhat.shape[1]), fhat, artist, cfg.alpha)
 
     # G3: items (outside the profile) of the user's favourite artists, most similar to the profile
     if cfg.favourite_artists and cfg.similar_per_user and has.size:
