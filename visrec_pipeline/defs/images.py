@@ -141,7 +141,7 @@ def _grid_markdown(store: ImageStore, examples: list[tuple[int, str]]) -> str | 
     present = [(i, h) for i, h in examples if store.exists(h)]
     if not present:
         return None
-    images = [store.open(h) for _, h in present]
+    images = [store.open(h, at_least=96) for _, h in present]
     png = image_grid_png(images, captions=[f"item {i}" for i, _ in present], cols=8, tile=96)
     return png_markdown(png, "sample thumbnails")
 

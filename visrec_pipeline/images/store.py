@@ -101,12 +101,15 @@ class ImageStore:
         except FileNotFoundError:
             return False
 
-    def open(self, content_hash: str) -> Image.Image:
-        """The thumbnail as a loaded RGB image (FileNotFoundError naming the hash if absent)."""
+    def open(self, content_hash: str, *, at_least: int | None = None) -> Image.Image:
+        """The thumbnail as a loaded RGB image (FileNotFoundError naming the hash if absent).
+        ``at_least``: decode at the smallest JPEG scale (1/2, 1/4, 1/8) whose sides stay >= it."""
         path = self.path_for(content_hash)
         if not path.is_file():
             raise FileNotFoundError(f"thumbnail {content_hash} not in the image store at {self.root}")
         with Image.open(path, formats=("JPEG",)) as im:
+            if at_least is not None:
+                im.draft("RGB", (at_least, at_least))
             im.load()
             return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
