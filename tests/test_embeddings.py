@@ -595,3 +595,16 @@ def test_preview_queries_are_stable_and_unchanged_grids_come_from_the_cache(imag
     assert len(list((tmp_path / "grids").glob("*.png"))) == 2  # only the last `keep` are kept
     with Image.open(io.BytesIO(first)) as im:
         assert im.format == "PNG" and im.size[0] > 3 * preview.TILE
+
+
+def test_a_single_use_backbone_converts_in_place_with_the_same_features(images):
+    for small_job in (64, 0):  # the light (hooks) and the traced variant
+        shared = load_backbone(RESNET18, "random", seed=6)
+        once = load_backbone(RESNET18, "random", seed=6, single_use=True)
+        _, a = run(shared, images[:3], precision="bf16", small_job=small_job)
+        _, b = run(once, images[:3], precision="bf16", small_job=small_job)
+        np.testing.assert_array_equal(a.result()[1], b.result()[1])
+        assert shared.model.conv1.weight.dtype == torch.float32  # copied
+        assert once.model.conv1.weight.dtype == torch.bfloat16  # converted in place
+        with pytest.raises(RuntimeError, match="single use"):
+            run(once, images[:3], precision="fp32", small_job=small_job)

@@ -129,6 +129,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             seed=config.seed,
             download_timeout_s=config.download_timeout_s,
             init_cache_dir=ws.init_cache_dir,
+            single_use=True,
         )
         choice = backbone.weights
         if choice.warning:

@@ -52,6 +52,9 @@ class LoadedBackbone:
     # Models prepared for a device / precision / graph mode (see prepare_model), kept so that a
     # process extracting several times traces once.
     prepared: dict = field(default_factory=dict, repr=False)
+    # Prepared once, for one extraction: a bf16 variant may then convert ``model`` in place instead of
+    # copying it (a copy is what lets one backbone run at several precisions).
+    single_use: bool = False
 
     @functools.cached_property
     def extractor(self) -> nn.Module:
@@ -67,13 +70,14 @@ def load_backbone(
     seed: int = 0,
     download_timeout_s: float = 10.0,
     init_cache_dir: str | os.PathLike | None = None,
+    single_use: bool = False,
 ) -> LoadedBackbone:
     model, choice = build_model(
         spec, weights, seed=seed, download_timeout_s=download_timeout_s, init_cache_dir=init_cache_dir
     )
     if choice.warning:
         log.warning(choice.warning)
-    return LoadedBackbone(spec, model, spec.transforms(), choice)
+    return LoadedBackbone(spec, model, spec.transforms(), choice, single_use=single_use)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,6 +146,8 @@ def prepare_model(
     # The thread count is part of the key: fused oneDNN partitions keep the one they were compiled with.
     key = (str(dev), amp, cpu_graph and dev.type == "cpu" and not light, light, torch.get_num_threads())
     if key not in backbone.prepared:
+        if backbone.single_use and backbone.prepared:
+            raise RuntimeError(f"{backbone.spec.name} was loaded for a single use and is already prepared for one")
         prepared = _prepare_light(backbone, dev, amp) if light else None
         backbone.prepared[key] = prepared or _prepare(backbone, dev, amp, cpu_graph)
     return backbone.prepared[key]
@@ -149,7 +155,11 @@ def prepare_model(
 
 def _prepare_light(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None) -> PreparedModel | None:
     if dev.type == "cpu" and amp is not None:  # converted and made channels-last in one pass
-        model, dtype, autocast = _converted_copy(backbone.model.eval(), amp, channels_last=True), amp, None
+        if backbone.single_use:
+            model = backbone.model.to(dtype=amp, memory_format=torch.channels_last).eval()
+        else:
+            model = _converted_copy(backbone.model.eval(), amp, channels_last=True)
+        dtype, autocast = amp, None
     else:
         model = backbone.model.to(dev, memory_format=torch.channels_last).eval()
         dtype, autocast = torch.float32, amp if dev.type == "cuda" else None
@@ -184,7 +194,7 @@ def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | Non
         return PreparedModel(base, torch.float32, amp, "eager")
     model, dtype = base, torch.float32
     if amp is not None:
-        model, dtype = _converted_copy(base, amp), amp
+        model, dtype = (base.to(amp) if backbone.single_use else _converted_copy(base, amp)), amp
     if not cpu_graph:
         return PreparedModel(model, dtype, None, "eager")
     crop = int(backbone.transform.crop_size[0])
