@@ -311,6 +311,11 @@ def test_store_serves_only_current_ok_unchanged_items_and_compacts(tmp_path):
     spatial, smask = store.load_spatial(dbp, fdir, "toy", query)
     assert spatial.dtype == np.float16 and spatial.shape == (7, 2, 3) and np.array_equal(smask, mask)
     assert store.feature_dim(dbp, "toy") == 3 and store.spatial_shape(dbp, "toy") == (2, 3)
+    snap = store.snapshot(dbp, fdir, "toy")
+    streamed = {int(i): v for ids, feats in snap.iter_pooled(chunk=1) for i, v in zip(ids, feats)}
+    assert sorted(streamed) == snap.item_ids.tolist() == [1, 4, 5]  # both shards, served items only
+    for i, v in streamed.items():
+        np.testing.assert_array_equal(v, store.load_pooled(dbp, fdir, "toy", [i])[0][0])
     with db.connect(dbp) as conn:
         todo = store.todo_items(conn, fdir, "toy", "random:seed=0")
         assert todo["item_id"].tolist() == [3, 6]  # changed hash, never computed; not the corrupt one

@@ -24,7 +24,6 @@ from visrec_pipeline.embeddings.similarity import cosine_neighbours
 
 EMBEDDINGS_CODE_VERSION = "1"
 CLUSTER_BACKBONE = "resnet50"
-_NEIGHBOUR_CHUNK = 16384
 
 
 class EmbeddingConfig(dg.Config):
@@ -95,8 +94,7 @@ def _neighbour_grid(
         return None
     query_ids = preview.stable_sample(ids, n_queries)  # the same queries refresh after refresh
     qf, _ = snap.pooled(query_ids)
-    chunks = ((ids[lo : lo + _NEIGHBOUR_CHUNK], snap.pooled(ids[lo : lo + _NEIGHBOUR_CHUNK])[0]) for lo in range(0, len(ids), _NEIGHBOUR_CHUNK))
-    nn_ids, nn_sims = cosine_neighbours(query_ids, qf, chunks, k)
+    nn_ids, nn_sims = cosine_neighbours(query_ids, qf, snap.iter_pooled(), k)
     return preview.neighbours_png(paths, query_ids.tolist(), nn_ids, nn_sims, cache)
 
 

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import duckdb
 import numpy as np
@@ -320,6 +320,19 @@ class FeatureSnapshot:
         shape = (self.provenance["pooled_dim"],)
         return _gather(self.features_dir, self.backbone, self.served, _ids(item_ids), "pooled", shape, np.float32)
 
+    def iter_pooled(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(item_ids, pooled float32 [n, d])`` of every served item in chunks, shard by shard, read
+        straight from the memory maps (no gather into one array: for a scan over all items)."""
+        if self.served.empty:
+            return
+        shape = (self.provenance["pooled_dim"],)
+        for (tag, shard), group in self.served.groupby(["weights_tag", "shard"], sort=False):
+            group = group.sort_values("row", kind="stable")
+            rows, ids = group["row"].to_numpy(np.int64), group["item_id"].to_numpy(np.int64)
+            arr = _open_shard(self.features_dir, self.backbone, tag, shard, "pooled", shape, rows, ids)
+            for lo in range(0, len(rows), chunk):
+                yield ids[lo : lo + chunk], arr[rows[lo : lo + chunk]]
+
     def spatial(self, item_ids) -> tuple[np.ndarray, np.ndarray]:
         if self.provenance.get("spatial_regions") is None:
             raise FeaturesNotFoundError(f"backbone {self.backbone!r} stores no spatial features")
@@ -362,15 +375,20 @@ def _gather(features_dir, backbone: str, served: pd.DataFrame, item_ids: np.ndar
         group = group.sort_values("row", kind="stable")  # sequential reads from the memory map
         rows = group["row"].to_numpy(np.int64)
         dst = group["dst"].to_numpy(np.int64)
-        ids = np.load(shard_path(features_dir, backbone, tag, shard, "ids"), mmap_mode="r", allow_pickle=False)
-        if rows.max() >= len(ids) or not np.array_equal(ids[rows], item_ids[dst]):
-            raise ValueError(f"feature shard {backbone}/{shard} does not hold the items the index says (corrupt store)")
-        arr = np.load(shard_path(features_dir, backbone, tag, shard, kind), mmap_mode="r", allow_pickle=False)
-        if arr.shape[1:] != tuple(shape):
-            raise ValueError(f"feature shard {backbone}/{shard} {kind} has shape {arr.shape[1:]}, expected {tuple(shape)}")
-        out[dst] = arr[rows]
+        out[dst] = _open_shard(features_dir, backbone, tag, shard, kind, shape, rows, item_ids[dst])[rows]
         mask[dst] = True
     return out, mask
+
+
+def _open_shard(features_dir, backbone: str, tag: str, shard: str, kind: str, shape, rows, expected_ids) -> np.ndarray:
+    """The memory-mapped ``kind`` array of a shard, after checking that ``rows`` hold ``expected_ids``."""
+    ids = np.load(shard_path(features_dir, backbone, tag, shard, "ids"), mmap_mode="r", allow_pickle=False)
+    if rows.max() >= len(ids) or not np.array_equal(ids[rows], expected_ids):
+        raise ValueError(f"feature shard {backbone}/{shard} does not hold the items the index says (corrupt store)")
+    arr = np.load(shard_path(features_dir, backbone, tag, shard, kind), mmap_mode="r", allow_pickle=False)
+    if arr.shape[1:] != tuple(shape):
+        raise ValueError(f"feature shard {backbone}/{shard} {kind} has shape {arr.shape[1:]}, expected {tuple(shape)}")
+    return arr
 
 
 def _load(conn_or_path, features_dir, backbone: str, item_ids, kind: str) -> tuple[np.ndarray, np.ndarray]:
