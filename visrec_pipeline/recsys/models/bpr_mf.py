@@ -91,13 +91,39 @@ class BPRMFConfig:
     device: str = "auto"
 
 
-class BPRMF(Recommender):
+class FactorScoreRecommender(Recommender):
+    """A model that scores from a :class:`FactorScores` cache its trained ``module`` builds
+    (``module.factor_scores()``); the cache is also what a checkpoint holds."""
+
+    def __init__(self, config, **kw):
+        super().__init__(config, **kw)
+        self.module: nn.Module | None = None
+        self.cache: FactorScores | None = None
+
+    def refresh(self) -> None:
+        """Rebuild the inference cache from the current weights."""
+        assert self.module is not None
+        self.cache = self.module.factor_scores()
+
+    def score(self, batch: ScoreBatch) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}: call fit() or load_state_dict() before score()")
+        return self.cache.to(resolve_device(self.config.device)).score(batch.user_idx)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}: nothing to save before fit()")
+        return self.cache.state()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.cache = FactorScores(state["user_factors"], state["item_factors"])
+
+
+class BPRMF(FactorScoreRecommender):
     name = "bpr_mf"
 
     def __init__(self, config: BPRMFConfig | None = None, **kw):
         super().__init__(config or BPRMFConfig(), **kw)
-        self.module: BPRMFModule | None = None
-        self.cache: FactorScores | None = None
 
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
         c = self.config
@@ -114,21 +140,3 @@ class BPRMF(Recommender):
         )
         self.refresh()
         return history
-
-    def refresh(self) -> None:
-        """Rebuild the inference cache from the current weights."""
-        assert self.module is not None
-        self.cache = self.module.factor_scores()
-
-    def score(self, batch: ScoreBatch) -> torch.Tensor:
-        if self.cache is None:
-            raise RuntimeError("BPRMF: call fit() or load_state_dict() before score()")
-        return self.cache.to(resolve_device(self.config.device)).score(batch.user_idx)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.cache is None:
-            raise RuntimeError("BPRMF: nothing to save before fit()")
-        return self.cache.state()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.cache = FactorScores(state["user_factors"], state["item_factors"])

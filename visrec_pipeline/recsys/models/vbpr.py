@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.recsys.base import FitInputs, TrainHistory
 from visrec_pipeline.recsys.data import RecData
-from visrec_pipeline.recsys.models.bpr_mf import FactorScores
+from visrec_pipeline.recsys.models.bpr_mf import FactorScores, FactorScoreRecommender
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
 from visrec_pipeline.recsys.trainer import fit_on_random_triples, train_config
 
@@ -178,13 +178,13 @@ def scale_features(features: torch.Tensor, mask: torch.Tensor, how: str) -> torc
     raise ValueError(f"VBPRConfig.feature_scale must be none|l2|standard, got {how!r}")
 
 
-class VBPR(Recommender):
+class VBPR(FactorScoreRecommender):
+    """Scores from the cached ``E f_i`` and ``beta'.f_i`` (see :meth:`VBPRModule.factor_scores`)."""
+
     name = "vbpr"
 
     def __init__(self, config: VBPRConfig | None = None, **kw):
         super().__init__(config or VBPRConfig(), **kw)
-        self.module: VBPRModule | None = None
-        self.cache: FactorScores | None = None
 
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
         c = self.config
@@ -207,22 +207,8 @@ class VBPR(Recommender):
         self.refresh()
         return history
 
-    def refresh(self) -> None:
-        """Rebuild the inference cache (``E f_i``, ``beta'.f_i``) from the current weights."""
-        assert self.module is not None
-        self.cache = self.module.factor_scores()
-
-    def score(self, batch: ScoreBatch) -> torch.Tensor:
-        if self.cache is None:
-            raise RuntimeError("VBPR: call fit() or load_state_dict() before score()")
-        return self.cache.to(resolve_device(self.config.device)).score(batch.user_idx)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.cache is None or self.module is None:
-            if self.cache is None:
-                raise RuntimeError("VBPR: nothing to save before fit()")
-            return self.cache.state()
-        return {**self.cache.state(), "visual_projection": self.module.visual.detach()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.cache = FactorScores(state["user_factors"], state["item_factors"])
+        state = super().state_dict()
+        if self.module is None:  # loaded from a checkpoint: the cache is all there is
+            return state
+        return {**state, "visual_projection": self.module.visual.detach()}
