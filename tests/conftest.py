@@ -11,7 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from visrec_pipeline.paths import Workspace
+from visrec_pipeline.paths import INIT_CACHE_ENV, Workspace
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_init_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One random-init cache for the whole run: each test's own data dir would otherwise write
+    (and fsync) its own 100-350 MB copy of the same ResNet-50 / AlexNet initialisation."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(INIT_CACHE_ENV, str(tmp_path_factory.mktemp("random_init")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")

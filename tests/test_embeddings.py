@@ -613,3 +613,13 @@ def test_a_single_use_backbone_converts_in_place_with_the_same_features(images):
         assert once.model.conv1.weight.dtype == torch.bfloat16  # converted in place
         with pytest.raises(RuntimeError, match="single use"):
             run(once, images[:3], precision="fp32", small_job=small_job)
+
+
+def test_the_init_cache_folder_follows_the_data_dir_unless_the_environment_moves_it(tmp_path, monkeypatch):
+    from visrec_pipeline.paths import INIT_CACHE_ENV, Workspace
+
+    monkeypatch.delenv(INIT_CACHE_ENV, raising=False)
+    ws = Workspace.from_settings(tmp_path / "data", "demo")
+    assert ws.init_cache_dir == (tmp_path / "data" / "cache" / "random_init").resolve()
+    monkeypatch.setenv(INIT_CACHE_ENV, str(tmp_path / "shared"))
+    assert ws.init_cache_dir == (tmp_path / "shared").resolve()

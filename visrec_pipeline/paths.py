@@ -15,6 +15,7 @@ from pathlib import Path
 
 DEMO_DATASET = "demo"
 DEFAULT_DATA_DIR = "./data"
+INIT_CACHE_ENV = "VISREC_INIT_CACHE_DIR"
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -96,8 +97,10 @@ class Workspace:
 
     @property
     def init_cache_dir(self) -> Path:
-        """Seeded random initialisations of the backbones, shared by every dataset under data_dir."""
-        return self.data_dir / "cache" / "random_init"
+        """Seeded random initialisations of the backbones, shared by every dataset under data_dir
+        (``VISREC_INIT_CACHE_DIR`` moves it, e.g. to share it between data dirs)."""
+        override = os.environ.get(INIT_CACHE_ENV)
+        return Path(override).expanduser().resolve() if override else self.data_dir / "cache" / "random_init"
 
     @property
     def incoming_dir(self) -> Path:
