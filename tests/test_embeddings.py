@@ -592,6 +592,9 @@ def test_preview_queries_are_stable_and_unchanged_grids_come_from_the_cache(imag
     assert len(list((tmp_path / "grids").glob("*.png"))) == 1
     rendered = preview.GridCache(None).png(tiles, captions, cols=3)
     assert first == rendered and cache.png(tiles, captions, cols=3) == first
+    (cached,) = (tmp_path / "grids").glob("*.png")
+    cached.write_bytes(b"")  # a damaged cache file is rendered again, not served
+    assert cache.png(tiles, captions, cols=3) == first
     assert cache.png(tiles, ["a", "b", "changed"], cols=3) != first  # captions are part of the key
     tile = jpeg(tmp_path / "tile.jpg", 98)
     before = cache.png([tile], ["x"], cols=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from visrec_pipeline.reporting.grids import image_grid_png
 
 TILE = 96
 _RENDER_VERSION = 1  # bump when the look of a grid changes: cached PNGs are then re-rendered
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def load_tile(path: Path | None, size: int = TILE) -> Image.Image:
@@ -63,9 +65,10 @@ class GridCache:
         cached = self.folder / f"{key}.png"
         try:
             png = cached.read_bytes()
-            cached.touch()  # most recently used: kept by the pruning below
-            return png
-        except OSError:
+            if png.startswith(_PNG_SIGNATURE):
+                os.utime(cached)  # most recently used: kept by the pruning below (never re-creates it)
+                return png
+        except OSError:  # absent, or pruned by another run meanwhile
             pass
         png = _render(paths, captions, cols, outline)
         try:
