@@ -1,7 +1,6 @@
 """Assets ``embeddings_<backbone>`` (one per registered backbone, built by one factory) and
 ``visual_clusters``: CNN features of every ok thumbnail, computed incrementally, and k-means over them."""
 
-import base64
 from collections.abc import Iterator, Mapping
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output
 from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_device
 from visrec_pipeline.embeddings.kmeans import ClusterState, assign, kmeans, l2_normalize
 from visrec_pipeline.embeddings.similarity import cosine_neighbours
+from visrec_pipeline.reporting.grids import png_markdown
 
 EMBEDDINGS_CODE_VERSION = "1"
 CLUSTER_BACKBONE = "resnet50"
@@ -75,10 +75,6 @@ class _ThumbnailPaths(Mapping):
 
     def __len__(self) -> int:
         return len(self._rel)
-
-
-def _png_md(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def _require_item_images(conn) -> None:
@@ -251,7 +247,9 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             "read_failures": dg.MetadataValue.md(failures_md),
         }
         if grid is not None:
-            metadata["similar_images"] = _png_md(grid, "query images (outlined) and their cosine nearest neighbours")
+            metadata["similar_images"] = dg.MetadataValue.md(
+                png_markdown(grid, "query images (outlined) and their cosine nearest neighbours")
+            )
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
@@ -367,7 +365,7 @@ def visual_clusters(
             _ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
             config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"),
         )
-        metadata["cluster_samples"] = _png_md(png, "cluster samples")
+        metadata["cluster_samples"] = dg.MetadataValue.md(png_markdown(png, "cluster samples"))
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -24,6 +24,7 @@ from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.lineage import training_lineage
 from visrec_pipeline.model_io import build_inputs, data_versions, load_rec_data
 from visrec_pipeline.recsys.registry import MODEL_SPECS, ModelSpec, build_model
+from visrec_pipeline.reporting.grids import png_markdown
 from visrec_pipeline.reporting.plots import training_curves_png
 
 MODELS_GROUP = "models"
@@ -151,7 +152,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
             metadata["final_loss"] = float(history.loss[-1])
             metadata["best_epoch"] = history.best_epoch if history.best_epoch is not None else -1
             png = training_curves_png(history.loss, history.val_auc, title=name)
-            metadata["training_curves"] = dg.MetadataValue.md(_png_md(png, f"{name} training curves"))
+            metadata["training_curves"] = dg.MetadataValue.md(png_markdown(png, f"{name} training curves"))
         if history.notes:
             metadata["notes"] = dg.MetadataValue.json(_jsonable(history.notes))
         return dg.MaterializeResult(metadata=metadata)
@@ -306,12 +307,6 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
         )
 
     return recommendations
-
-
-def _png_md(png: bytes, alt: str) -> str:
-    import base64
-
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def _jsonable(value):

@@ -1,7 +1,6 @@
 """``benchmark_report``: the tutorial's table for every model, plots and image grids."""
 
 
-import base64
 
 import dagster as dg
 import numpy as np
@@ -13,6 +12,7 @@ from visrec_pipeline.defs.automation import follows_evaluations
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.reporting.benchmark import benchmark_table, table_markdown
+from visrec_pipeline.reporting.grids import png_markdown
 from visrec_pipeline.reporting.plots import metric_by_profile_size_png
 
 
@@ -22,10 +22,6 @@ class BenchmarkReportConfig(dg.Config):
     grid_users: int = 3
     grid_model: str = ""  # empty: the model with the best nDCG@20
     attention_users: int = 3  # users in the ACF attention panel (0: no panel)
-
-
-def _md_png(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def _weights_warning(conn) -> str | None:
@@ -78,7 +74,7 @@ def benchmark_report(
             with atomic_path(ws.reports_dir / ACF_ATTENTION_FILE, suffix=".png") as tmp:
                 tmp.write_bytes(attention_png)
             report_md += f"\n## ACF attention\n\n{attention_note}\n\n![ACF attention]({ACF_ATTENTION_FILE})\n"
-            attention_md = attention_note + "\n\n" + _md_png(attention_png, "ACF attention")
+            attention_md = attention_note + "\n\n" + png_markdown(attention_png, "ACF attention")
         else:
             report_md += f"\n## ACF attention\n\n{attention_note}\n"
             attention_md = attention_note
@@ -90,7 +86,7 @@ def benchmark_report(
             name = f"{metric.replace('@', '_at_')}_by_profile_size.png"
             with atomic_path(ws.reports_dir / name, suffix=".png") as tmp:
                 tmp.write_bytes(png)
-            plots_md.append(_md_png(png, f"{metric} by profile size"))
+            plots_md.append(png_markdown(png, f"{metric} by profile size"))
     with atomic_path(ws.reports_dir / "benchmark.md", suffix=".md") as tmp:
         tmp.write_text(report_md)
     with atomic_path(ws.reports_dir / "benchmark.csv", suffix=".csv") as tmp:
@@ -205,7 +201,7 @@ def _recommendation_grids(conn, ws, summary: pd.DataFrame, config: BenchmarkRepo
         outline = [None] * len(profile) + [("green" if i in predict else None) for i in rec_items] + ["blue"] * len(predict)
         png = image_grid_png(images, captions=captions, cols=8, outline=outline)
         out.append(f"**user {user_id}**: {len(users.at[r, 'profile'])} consumed (last 8 shown), top 10, ground truth")
-        out.append(_md_png(png, f"user {user_id}"))
+        out.append(png_markdown(png, f"user {user_id}"))
     return "\n\n".join(out)
 
 

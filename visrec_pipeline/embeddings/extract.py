@@ -155,16 +155,20 @@ def prepare_model(
 
 def _prepare_light(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | None) -> PreparedModel | None:
     if dev.type == "cpu" and amp is not None:  # converted and made channels-last in one pass
-        if backbone.single_use:
-            model = backbone.model.to(dtype=amp, memory_format=torch.channels_last).eval()
-        else:
-            model = _converted_copy(backbone.model.eval(), amp, channels_last=True)
-        dtype, autocast = amp, None
+        model, dtype, autocast = _in_dtype(backbone, backbone.model.eval(), amp, channels_last=True), amp, None
     else:
         model = backbone.model.to(dev, memory_format=torch.channels_last).eval()
         dtype, autocast = torch.float32, amp if dev.type == "cuda" else None
     hooked = backbone.spec.hooked_extractor(model)
     return PreparedModel(hooked, dtype, autocast, "eager") if hooked is not None else None
+
+
+def _in_dtype(backbone: LoadedBackbone, module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
+    """``module`` (part of ``backbone``) in ``dtype``: converted in place when the backbone is for a single
+    use, else a converted copy that leaves the backbone as it is for other precisions."""
+    if not backbone.single_use:
+        return _converted_copy(module, dtype, channels_last)
+    return module.to(dtype=dtype, memory_format=torch.channels_last) if channels_last else module.to(dtype)
 
 
 def _converted_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
@@ -194,7 +198,7 @@ def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | Non
         return PreparedModel(base, torch.float32, amp, "eager")
     model, dtype = base, torch.float32
     if amp is not None:
-        model, dtype = (base.to(amp) if backbone.single_use else _converted_copy(base, amp)), amp
+        model, dtype = _in_dtype(backbone, base, amp), amp
     if not cpu_graph:
         return PreparedModel(model, dtype, None, "eager")
     crop = int(backbone.transform.crop_size[0])
