@@ -31,6 +31,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from visrec_pipeline.embeddings.backbones import get_backbone  # noqa: E402
+from visrec_pipeline.embeddings import int8  # noqa: E402
 from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_precision  # noqa: E402
 from visrec_pipeline.embeddings.weights import random_model  # noqa: E402
 
@@ -64,7 +65,8 @@ def baseline(model: torch.nn.Module, transform, paths: list[Path], device: torch
 
 
 def ours(
-    backbone, paths, device: str, precision: str, batch_size: int, num_workers: int, small_job: int | None = None
+    backbone, paths, device: str, precision: str, batch_size: int, num_workers: int, small_job: int | None = None,
+    calibration: Path | None = None,
 ) -> tuple[np.ndarray, float, object]:
     chunks = {}
 
@@ -74,7 +76,7 @@ def ours(
     extra = {} if small_job is None else {"small_job": small_job}
     stats = extract_features(
         backbone, paths, sink, device=device, precision=precision, batch_size=batch_size, num_workers=num_workers,
-        **extra,
+        int8_calibration=calibration, **extra,
     )
     pooled = np.concatenate([chunks[k] for k in sorted(chunks)])
     return pooled, stats.seconds, stats
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=-1, help="-1 = min(2, CPUs)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate baseline and ours over this many slices")
     ap.add_argument("--thumbnails", action="store_true", help="generate 256x256 JPEGs like the pipeline's image store")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 variant (CPU only)")
     args = ap.parse_args()
 
     spec = get_backbone(args.backbone)
@@ -118,6 +121,11 @@ def main() -> None:
         ).to(device).eval()
         default_prec = "fp32" if resolve_precision("auto", device) is None else "auto"
         variants = ["fp32"] + (["auto"] if default_prec == "auto" else [])
+        int8_note = "not run on cuda" if device.type != "cpu" else ("--no-int8" if args.no_int8 else int8.unavailable_reason())
+        if int8_note is None:
+            variants.append("int8")
+        calibration = Path(tmp) / "int8_calibration.npy"
+        n_calibration = min(int8.CALIBRATION_IMAGES, len(paths))
         baseline(ref_model, bb.transform, paths[:2], device)  # warm-up (oneDNN kernel selection)
         # Rounds alternate baseline and ours over slices of the same images, so a change in machine
         # load (this machine is shared) hits both alike. Each round restarts our DataLoader workers,
@@ -138,11 +146,17 @@ def main() -> None:
                     # warm-up, as the baseline's: prepares (and caches on bb) the model for this precision and
                     # lets the fuser compile it for the batch shape; both one-time costs are reported
                     t_warm = time.perf_counter()
-                    warm = ours(bb, paths[: args.batch_size], args.device, v, args.batch_size, 0, small_job=0)[2]
+                    # int8: the warm-up also calibrates, on the first CALIBRATION_IMAGES images
+                    warm_n = max(args.batch_size, n_calibration) if v == "int8" else args.batch_size
+                    warm = ours(
+                        bb, paths[:warm_n], args.device, v, args.batch_size, 0, small_job=0, calibration=calibration
+                    )[2]
                     prepare_s[v] = warm.prepare_seconds
                     warmup_s[v] = time.perf_counter() - t_warm
             for v in variants:
-                f, sec, stats[v] = ours(bb, paths[lo:hi], args.device, v, args.batch_size, args.num_workers)
+                f, sec, stats[v] = ours(
+                    bb, paths[lo:hi], args.device, v, args.batch_size, args.num_workers, calibration=calibration
+                )
                 seconds[v] += sec
                 feats[v].append(f)
                 round_ratios[v].append(base_sec / sec)
@@ -155,7 +169,7 @@ def main() -> None:
                 f"{stats[v].num_workers}, {stats[v].graph}, prepared once in {prepare_s[v]:.1f} s)"
             )
 
-    best = variants[-1]
+    best = "auto" if "auto" in variants else "fp32"
     cos_fp32, cos_best = cosine(feats["fp32"], feats["baseline"]), cosine(feats[best], feats["baseline"])
     result = {
         "backbone": spec.name,
@@ -185,6 +199,21 @@ def main() -> None:
         "allocator_retains_freed_memory": stats[best].retained_memory,
         "load_avg_end": round(os.getloadavg()[0], 2),
     }
+    if "int8" in variants:
+        cos_int8 = cosine(feats["int8"], feats["baseline"])
+        result.update({
+            "batched_int8_images_per_s": round(rates["int8"], 2),
+            "speedup_int8": round(rates["int8"] / rates["baseline"], 2),
+            "speedup_int8_median_round": round(float(np.median(round_ratios["int8"])), 2),
+            "int8_calibration_images": n_calibration,
+            "mean_cosine_int8_vs_baseline": round(float(cos_int8.mean()), 6),
+            "min_cosine_int8_vs_baseline": round(float(cos_int8.min()), 6),
+            # images the calibration did not see
+            "min_cosine_int8_vs_baseline_held_out": round(float(cos_int8[n_calibration:].min()), 6)
+            if len(paths) > n_calibration else None,
+        })
+    else:
+        result["int8"] = int8_note
     print(json.dumps(result))
 
 

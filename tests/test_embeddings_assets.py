@@ -16,7 +16,7 @@ from torchvision import models
 from visrec_pipeline import db
 from visrec_pipeline.defs.embeddings import CLUSTER_BACKBONE, defs as embeddings_defs, embedding_asset, embedding_coverage_check, visual_clusters
 from visrec_pipeline.defs.resources import default_resources
-from visrec_pipeline.embeddings import store
+from visrec_pipeline.embeddings import int8, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
 from visrec_pipeline.paths import Workspace
 
@@ -132,6 +132,23 @@ def test_incremental_materializations(ws):
         assert store.feature_provenance(conn, "resnet18")["weights_tag"] == "random:seed=1"
         n_rows = conn.execute("SELECT count(*), count(DISTINCT item_id) FROM embedding_index").fetchone()
     assert n_rows == (7, 7)
+
+
+@pytest.mark.skipif(int8.unavailable_reason() is not None, reason="no int8 here")
+def test_int8_materializations_calibrate_once_and_store_the_calibration_with_the_features(ws):
+    ok_images(ws, range(1, 7))
+    md = materialize(ws, EMB18, precision="int8")
+    assert value(md, "precision") == "int8" and value(md, "graph") == "int8+onednn" and value(md, "computed") == 6
+    calibration = store.calibration_path(ws.features_dir, "resnet18", "random:seed=0", RESNET18.revision)
+    assert "first 6 images of this run" in value(md, "int8_calibration") and calibration.exists()
+    first = store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.arange(1, 7))[0]
+
+    # new images, a later run: the stored calibration, the same quantized model
+    ok_images(ws, [7, 8])
+    md = materialize(ws, EMB18, precision="int8")
+    assert value(md, "computed") == 2 and value(md, "int8_calibration").startswith("6 stored images")
+    np.testing.assert_array_equal(store.load_pooled(ws.db_path, ws.features_dir, "resnet18", np.arange(1, 7))[0], first)
+    assert calibration.exists()  # shard tidying leaves it while its feature set lives
 
 
 def test_resnet50_features_spatial_maps_and_visual_clusters(ws):

@@ -33,9 +33,11 @@ class EmbeddingConfig(dg.Config):
         "with a warning) | path to a state dict .pth file",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks cuda when available")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         default="auto",
-        description="auto = bf16 on CUDA (autocast) and on CPUs with native bf16 (model converted to bf16), else fp32",
+        description="auto = bf16 on CUDA (autocast) and on CPUs with native bf16 (model converted to bf16), else fp32; "
+        "int8 (CPU): quantized model, ~1.4x the bf16 throughput, pooled features at cosine ~0.9998 to fp32, "
+        "calibrated once per feature set on its first images (stored next to the features)",
     )
     cpu_graph: bool = Field(
         default=True,
@@ -163,6 +165,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
                 progress=progress,
                 progress_every=config.progress_every_batches,
                 cpu_graph=config.cpu_graph,
+                int8_calibration=store.calibration_path(ws.features_dir, spec.name, choice.tag, spec.revision),
             )
         for note in stats.notes:
             context.log.warning(note)
@@ -235,6 +238,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             "device": stats.device,
             "precision": stats.precision,
             "graph": stats.graph,
+            **({"int8_calibration": stats.int8_calibration} if stats.int8_calibration else {}),
             "batch_size": stats.batch_size,
             "num_workers": stats.num_workers,
             "images_per_s": round(stats.images_per_s, 2),

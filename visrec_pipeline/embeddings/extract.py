@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -31,6 +33,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from visrec_pipeline.embeddings import int8
 from visrec_pipeline.embeddings.backbones import BackboneSpec
 from visrec_pipeline.embeddings.malloc import retain_freed_memory
 from visrec_pipeline.embeddings.weights import WeightsChoice, build_model
@@ -98,13 +101,21 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32.
+    """The autocast dtype, or None for full fp32; ``torch.int8`` stands for the quantized CPU model.
 
     ``auto``: bf16 on CUDA when supported (fp16 otherwise); on CPU bf16 only where the CPU does it
-    natively (emulated bf16 is slower than fp32), else fp32.
+    natively (emulated bf16 is slower than fp32), else fp32. ``int8`` (CPU only, never picked by auto:
+    its features differ a little more from fp32, see embeddings/int8.py).
     """
     if precision == "fp32":
         return None
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError("precision int8 runs on CPU (use bf16 or fp16 on CUDA)")
+        reason = int8.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"precision int8 is not available: {reason}")
+        return torch.int8
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -115,7 +126,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type != "cuda":
             raise ValueError("precision fp16 needs device cuda (use bf16 or fp32 on CPU)")
         return torch.float16
-    raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    raise ValueError(f"precision must be auto|fp32|bf16|fp16|int8, got {precision!r}")
 
 
 @dataclass
@@ -123,7 +134,7 @@ class PreparedModel:
     model: nn.Module  # returns {"pooled": ..., "spatial": ...}
     input_dtype: torch.dtype  # what the batches are cast to before the forward
     autocast: torch.dtype | None  # CUDA only
-    graph: str  # "eager" | "jit+onednn", reported in ExtractStats
+    graph: str  # "eager" | "jit+onednn" | "int8+onednn", reported in ExtractStats
     note: str | None = None  # why the graph mode could not be used, if it could not
     eager: nn.Module | None = None  # the same computation without the graph, should the fuser fail at run time
 
@@ -219,6 +230,51 @@ def _prepare(backbone: LoadedBackbone, dev: torch.device, amp: torch.dtype | Non
         return PreparedModel(model, dtype, None, "eager", note)
 
 
+def _calibration_head(batches, n_images: int) -> tuple[torch.Tensor, list]:
+    """The first ``n_images`` readable images of ``batches`` and the batches read to get them (to be
+    run again: they are part of the extraction)."""
+    head, images, have = [], [], 0
+    for batch in batches:
+        head.append(batch)
+        _, x, errors = batch
+        good = torch.tensor([not e for e in errors], dtype=torch.bool)
+        images.append(x[good])
+        have += int(good.sum())
+        if have >= n_images:
+            break
+    if not have:
+        raise RuntimeError("int8 calibration needs readable images and none of these could be read")
+    return torch.cat(images)[:n_images], head
+
+
+def _prepare_int8(
+    backbone: LoadedBackbone, batches, calibration_file: Path | None, n_images: int, batch_size: int
+) -> tuple[object, PreparedModel, str]:
+    """The int8 model, calibrated on the stored calibration images, or on the first ``n_images`` of this
+    extraction (then stored at ``calibration_file`` for the runs to come); returns the batch iterator to
+    go on with and where the calibration came from."""
+    stored = int8.load_calibration(calibration_file) if calibration_file is not None else None
+    source = f"{len(stored)} stored images ({calibration_file})" if stored is not None else ""
+    if stored is None:
+        images, head = _calibration_head(batches, n_images)
+        batches = itertools.chain(head, batches)
+        if calibration_file is not None:
+            stored = int8.save_calibration(calibration_file, images)
+        else:
+            stored = images.to(torch.float16).numpy()
+        source = f"the first {len(stored)} images of this run" + (
+            f", stored at {calibration_file}" if calibration_file is not None else " (not stored)"
+        )
+        log.info(f"{backbone.spec.name}: int8 calibrated on {source}")
+    digest = hashlib.blake2b(stored.tobytes(), digest_size=16).hexdigest()
+    key = ("cpu", torch.int8, batch_size, torch.get_num_threads(), digest)
+    if key not in backbone.prepared:
+        extractor = backbone.extractor.to(memory_format=torch.channels_last).eval()
+        model = int8.quantize_extractor(extractor, stored, batch_size)
+        backbone.prepared[key] = PreparedModel(model, torch.float32, None, "int8+onednn")
+    return batches, backbone.prepared[key], source
+
+
 def default_num_workers(device: torch.device | None = None) -> int:
     """Decode workers: min(2, CPUs) next to a CPU model (it already uses every core; measured on 2
     cores, 0 and 2 workers run alike); min(8, CPUs) feeding a GPU, where JPEG decoding is the bottleneck."""
@@ -263,6 +319,7 @@ class ExtractStats:
     retained_memory: bool = False
     graph: str = "eager"
     prepare_seconds: float = 0.0  # copying / tracing the model; 0 when an earlier call on the backbone did it
+    int8_calibration: str = ""  # precision int8: which images the model was calibrated on
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -321,26 +378,31 @@ def extract_features(
     retain_memory: bool = True,
     cpu_graph: bool = True,
     small_job: int = SMALL_JOB_IMAGES,
+    int8_calibration: str | os.PathLike | None = None,
+    int8_calibration_images: int = int8.CALIBRATION_IMAGES,
 ) -> ExtractStats:
     """Run ``backbone`` over the images at ``paths``; ``sink(positions, pooled f32 [b, d], spatial f16 [b, R, C] | None)``
     receives every successfully decoded batch (positions index ``paths``). ``retain_memory``: keep freed
     buffers in the heap meanwhile (see :mod:`visrec_pipeline.embeddings.malloc`). ``cpu_graph``: on CPU,
     run a traced, frozen TorchScript graph with oneDNN Graph fusion (False: eager, as on CUDA).
     ``small_job``: up to this many images (an incremental refresh), run eager and decode in this
-    process when the workers are left to auto (``num_workers`` None or < 0)."""
+    process when the workers are left to auto (``num_workers`` None or < 0); not for int8, whose
+    features must come from the quantized model whatever the job size. ``int8_calibration``: the file
+    holding the int8 calibration images of this feature set (read if present, else written from the
+    first ``int8_calibration_images`` images of this run); None calibrates on this run only."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     auto_workers = num_workers is None or num_workers < 0
-    small = len(paths) <= small_job
+    small = len(paths) <= small_job and amp != torch.int8
     workers = (0 if small else default_num_workers(dev)) if auto_workers else num_workers
     cpu_graph = cpu_graph and not small
     stats = ExtractStats(
         n_images=len(paths),
         n_ok=0,
         device=str(dev),
-        precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[amp],
         batch_size=batch_size,
     )
     if not paths:
@@ -351,7 +413,15 @@ def extract_features(
     with ExitStack() as stack:
         stats.retained_memory = stack.enter_context(retain_freed_memory(retain_memory))
         t_prep = time.perf_counter()
-        prepared = prepare_model(backbone, dev, amp, cpu_graph, light=small)
+        if amp == torch.int8:
+            # the workers start first: the calibration images come from them
+            batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
+            calibration = Path(int8_calibration) if int8_calibration is not None else None
+            batches, prepared, stats.int8_calibration = _prepare_int8(
+                backbone, batches, calibration, int8_calibration_images, batch_size
+            )
+        else:
+            prepared = prepare_model(backbone, dev, amp, cpu_graph, light=small)
         stats.prepare_seconds = time.perf_counter() - t_prep
         stats.graph = prepared.graph
         if prepared.note:
@@ -359,7 +429,8 @@ def extract_features(
         if prepared.graph == "jit+onednn":
             # oneDNN Graph fusion is a process-wide TorchScript setting: on only while this graph runs.
             stack.enter_context(torch.jit.fuser("fuser3"))
-        batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
+        if amp != torch.int8:
+            batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
         _run(backbone, prepared, batches, sink, dev, pin, stats, progress, progress_every)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -54,6 +54,17 @@ def shard_path(features_dir: str | Path, backbone: str, weights_tag: str, shard:
     return Path(features_dir) / backbone / safe_tag(weights_tag) / f"{shard}.{kind}.npy"
 
 
+CALIBRATION_PREFIX = "int8_calibration"
+
+
+def calibration_path(features_dir: str | Path, backbone: str, weights_tag: str, revision: int) -> Path:
+    """Where the int8 calibration images of one feature set live (see embeddings/int8.py): next to its
+    shards, kept while the set has any and removed with them."""
+    if not _BACKBONE.match(backbone):
+        raise ValueError(f"invalid backbone name {backbone!r}")
+    return Path(features_dir) / backbone / safe_tag(weights_tag) / f"{CALIBRATION_PREFIX}.r{int(revision)}.npy"
+
+
 def new_shard_name() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
@@ -194,6 +205,7 @@ def remove_unreferenced(
     """Delete shard files the index no longer references: at once for shards this run superseded,
     after ``orphan_age_s`` for anything else (a concurrent writer's shard may not be committed yet)."""
     referenced = {(safe_tag(t), s) for t, s in referenced_shards(conn, backbone)}
+    referenced_tags = {t for t, _ in referenced}
     superseded = {(safe_tag(t), s) for t, s in superseded}
     root = Path(features_dir) / backbone
     if not root.is_dir():
@@ -204,7 +216,7 @@ def remove_unreferenced(
         for f in tag_dir.iterdir():
             shard = f.name.split(".", 1)[0]
             key = (tag_dir.name, shard)
-            if key in referenced:
+            if key in referenced or (shard == CALIBRATION_PREFIX and tag_dir.name in referenced_tags):
                 continue
             stale = key in superseded or now - f.stat().st_mtime > orphan_age_s
             if stale and f.is_file():
