@@ -1,12 +1,14 @@
 """Batched feature extraction vs the tutorial's one-image-at-a-time loop, same model, same images.
 
-    uv run python bench/embeddings.py [--n 200] [--images DIR] [--device cpu|cuda] [--backbone resnet50]
+    uv run python bench/embeddings.py [--n 200] [--images DIR] [--device cpu|cuda] [--backbone resnet50] [--no-int8]
 
 Baseline (the tutorial's way): torchvision's model as built (batch norms in place), and for each image,
 PIL open, the weights' transform, ``model(x.unsqueeze(0))`` with autograd on, fp32, eager. Ours: ``extract_features`` as the assets run it (DataLoader decode
 workers, batches, no autograd, channels-last; on CPU a traced + frozen TorchScript graph with oneDNN
 Graph fusion, and a bf16 copy of the model where the CPU does bf16 natively), once at fp32 and once at
-the pipeline's default precision. Both use the same randomly initialised backbone (seed 0) and the
+the pipeline's default precision, and on CPU once more at ``precision=int8`` (quantized; its warm-up
+calibrates on the first 64 images and quantizes, a cost every asset run pays once, reported in
+``prepare_s``). All use the same randomly initialised backbone (seed 0) and the
 same files; pooled features are compared with the baseline's (cosine per image) so the speed-up is
 for the same computation. The one-time preparation of our model (copy to bf16, trace, freeze) happens
 in the warm-up, as the baseline's oneDNN kernel selection does; its duration is reported

@@ -6,7 +6,8 @@ precision where the hardware does it natively. On CUDA: bf16/fp16 autocast. On C
 model converted to bf16 outright (CPUs with AVX512-BF16/AMX; autocast would re-cast every weight on
 every call), traced and frozen with TorchScript and run by the oneDNN Graph fuser, which prepacks the
 weights once and fuses each conv with its ReLU / residual add (eager mode reorders every weight per
-call and makes a separate memory pass per ReLU and add). Results go to a ``sink(positions, pooled,
+call and makes a separate memory pass per ReLU and add). ``precision="int8"`` (CPU, opt-in) runs a
+post-training quantized model instead (see embeddings/int8.py). Results go to a ``sink(positions, pooled,
 spatial)`` (e.g. a :class:`~visrec_pipeline.embeddings.store.ShardWriter`), so nothing holds all
 features in memory.
 """
@@ -267,10 +268,11 @@ def _prepare_int8(
         )
         log.info(f"{backbone.spec.name}: int8 calibrated on {source}")
     digest = hashlib.blake2b(stored.tobytes(), digest_size=16).hexdigest()
-    key = ("cpu", torch.int8, batch_size, torch.get_num_threads(), digest)
+    graph_batch = min(batch_size, int8.GRAPH_BATCH)
+    key = ("cpu", torch.int8, graph_batch, torch.get_num_threads(), digest)
     if key not in backbone.prepared:
         extractor = backbone.extractor.to(memory_format=torch.channels_last).eval()
-        model = int8.quantize_extractor(extractor, stored, batch_size)
+        model = int8.quantize_extractor(extractor, stored, graph_batch)
         backbone.prepared[key] = PreparedModel(model, torch.float32, None, "int8+onednn")
     return batches, backbone.prepared[key], source
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # thumbnails: pooled cosine to fp32 0.99977 either way); calibration runs the fp32 model with observers.
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 16
+GRAPH_BATCH = 8  # images per call of the lowered graph (see Int8Extractor)
 
 
 def _import_torchao() -> None:
@@ -163,28 +164,34 @@ def _simplify(gm: torch.fx.GraphModule) -> int:
 
 
 class Int8Extractor(nn.Module):
-    """The lowered int8 graph, which is fixed to one batch size: a shorter batch is padded with zeros
-    (each image's result does not depend on the others in its batch)."""
+    """The lowered int8 graph, which is fixed to one (small) batch size: a batch runs as chunks of that
+    size, the last chunk padded with zeros (each image's result does not depend on the others in its
+    chunk). Measured on ResNet-50, 2 cores: 8, 16 and 32 images per call run alike (73-78 images/s),
+    so chunks of 8 waste at most 7 padded images per extraction."""
 
-    def __init__(self, lowered: nn.Module, batch_size: int):
+    def __init__(self, lowered: nn.Module, graph_batch: int):
         super().__init__()
         self.lowered = lowered
-        self.batch_size = batch_size
+        self.graph_batch = graph_batch
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = x.shape[0]
-        if n > self.batch_size:
-            raise ValueError(f"int8 extractor was built for batches of up to {self.batch_size}, got {n}")
-        if n < self.batch_size:
-            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
-            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
-        out = self.lowered(x)
-        return {k: v[:n] for k, v in out.items()}
+        n, size = x.shape[0], self.graph_batch
+        outs = []
+        for lo in range(0, n, size):
+            chunk = x[lo : lo + size]
+            if chunk.shape[0] < size:
+                pad = chunk.new_zeros((size - chunk.shape[0], *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad]).contiguous(memory_format=torch.channels_last)
+            outs.append(self.lowered(chunk))
+        return {k: torch.cat([o[k] for o in outs])[:n] for k in outs[0]}
 
 
-def quantize_extractor(extractor: torch.fx.GraphModule, calibration: np.ndarray, batch_size: int) -> Int8Extractor:
+def quantize_extractor(
+    extractor: torch.fx.GraphModule, calibration: np.ndarray, graph_batch: int = GRAPH_BATCH
+) -> Int8Extractor:
     """``extractor`` (an fp32 FX graph returning ``{"pooled", "spatial"?}``, eval mode) as an int8 graph
-    for batches of up to ``batch_size``, calibrated on ``calibration`` (preprocessed images, N x 3 x H x W)."""
+    run in chunks of ``graph_batch`` images, calibrated on ``calibration`` (preprocessed images,
+    N x 3 x H x W). The result does not depend on ``graph_batch``."""
     _import_torchao()
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
@@ -192,7 +199,7 @@ def quantize_extractor(extractor: torch.fx.GraphModule, calibration: np.ndarray,
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     images = torch.from_numpy(np.ascontiguousarray(calibration)).float().contiguous(memory_format=torch.channels_last)
-    example = (torch.zeros((batch_size, *images.shape[1:])).contiguous(memory_format=torch.channels_last),)
+    example = (torch.zeros((graph_batch, *images.shape[1:])).contiguous(memory_format=torch.channels_last),)
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     with warnings.catch_warnings(), torch.no_grad():
@@ -200,7 +207,7 @@ def quantize_extractor(extractor: torch.fx.GraphModule, calibration: np.ndarray,
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
         # the batch dimension stays dynamic until lowering, so that calibration runs in batches of its own
-        # (the observers' histograms depend on how the images are batched, and must not depend on batch_size)
+        # (the observers' histograms depend on how the images are batched, and must not depend on graph_batch)
         batch = torch.export.Dim("batch", min=1)
         exported = torch.export.export(
             _unshare_modules(extractor.eval()), example, dynamic_shapes=({0: batch},)
@@ -211,5 +218,5 @@ def quantize_extractor(extractor: torch.fx.GraphModule, calibration: np.ndarray,
             prepared(images[lo : lo + CALIBRATION_BATCH])
         lowered = lower_pt2e_quantized_to_x86(convert_pt2e(prepared), example)
     _simplify(lowered)
-    return Int8Extractor(lowered, batch_size)
+    return Int8Extractor(lowered, graph_batch)
 
