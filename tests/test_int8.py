@@ -131,3 +131,13 @@ def test_the_shard_store_keeps_a_calibration_while_its_feature_set_has_shards(tm
     assert kept.exists() and not orphan.exists() and not orphan.parent.exists()
     with pytest.raises(ValueError):
         store.calibration_path(fdir, "../etc", "t", 0)
+
+
+def test_a_graph_the_quantizer_cannot_take_is_a_clear_error(pictures, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("Input partition has more than one output node")
+
+    monkeypatch.setattr(int8, "quantize_extractor", refuse)
+    bb = load_backbone(BACKBONES["alexnet"], "random", seed=0)
+    with pytest.raises(RuntimeError, match="alexnet: int8 quantization failed .*precision auto or bf16"):
+        run(bb, pictures[:2], precision="int8", int8_calibration_images=2)

@@ -272,7 +272,13 @@ def _prepare_int8(
     key = ("cpu", torch.int8, graph_batch, torch.get_num_threads(), digest)
     if key not in backbone.prepared:
         extractor = backbone.extractor.to(memory_format=torch.channels_last).eval()
-        model = int8.quantize_extractor(extractor, stored, graph_batch)
+        try:
+            model = int8.quantize_extractor(extractor, stored, graph_batch)
+        except Exception as exc:  # export / quantizer / lowering: a graph the toolchain cannot take
+            raise RuntimeError(
+                f"{backbone.spec.name}: int8 quantization failed ({type(exc).__name__}: {str(exc)[:500]}); "
+                "precision auto or bf16 computes these features without it"
+            ) from exc
         backbone.prepared[key] = PreparedModel(model, torch.float32, None, "int8+onednn")
     return batches, backbone.prepared[key], source
 
