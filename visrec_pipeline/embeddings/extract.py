@@ -259,10 +259,9 @@ def _prepare_int8(
     if stored is None:
         images, head = _calibration_head(batches, n_images)
         batches = itertools.chain(head, batches)
+        stored = int8.as_calibration(images)
         if calibration_file is not None:
-            stored = int8.save_calibration(calibration_file, images)
-        else:
-            stored = images.to(torch.float16).numpy()
+            int8.save_calibration(calibration_file, stored)
         source = f"the first {len(stored)} images of this run" + (
             f", stored at {calibration_file}" if calibration_file is not None else " (not stored)"
         )
@@ -421,6 +420,7 @@ def extract_features(
     with ExitStack() as stack:
         stats.retained_memory = stack.enter_context(retain_freed_memory(retain_memory))
         t_prep = time.perf_counter()
+        batches = None
         if amp == torch.int8:
             # the workers start first: the calibration images come from them
             batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
@@ -437,7 +437,7 @@ def extract_features(
         if prepared.graph == "jit+onednn":
             # oneDNN Graph fusion is a process-wide TorchScript setting: on only while this graph runs.
             stack.enter_context(torch.jit.fuser("fuser3"))
-        if amp != torch.int8:
+        if batches is None:
             batches, stats.num_workers = _start(lambda w: _loader(dataset, batch_size, w, pin), workers, stats.notes)
         _run(backbone, prepared, batches, sink, dev, pin, stats, progress, progress_every)
     if dev.type == "cuda":

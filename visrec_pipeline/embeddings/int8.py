@@ -28,8 +28,9 @@ from visrec_pipeline.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
-# Calibration images: ranges from 64 images are within noise of those from 256 (measured on the demo
-# thumbnails: pooled cosine to fp32 0.99977 either way); calibration runs the fp32 model with observers.
+# Calibration images. With 64, held-out images keep a pooled cosine to fp32 of 0.9997 or more
+# (bench/embeddings.py); each run pays the calibration pass, the fp32 model with observers (about 9 s
+# for ResNet-50 on 2 cores), so more images would cost every run more.
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 16
 GRAPH_BATCH = 8  # images per call of the lowered graph (see Int8Extractor)
@@ -60,13 +61,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def save_calibration(path: Path, images: torch.Tensor) -> np.ndarray:
-    """Store preprocessed calibration images (float16, atomically); returns what was stored, which is
-    what every run calibrates from, the first included."""
-    arr = images.detach().to(torch.float16).contiguous().numpy()
+def as_calibration(images: torch.Tensor) -> np.ndarray:
+    """Preprocessed images as they are stored and calibrated from (float16): every run, the first
+    included, calibrates from exactly what a later run will read back."""
+    return images.detach().to(torch.float16).contiguous().numpy()
+
+
+def save_calibration(path: Path, calibration: np.ndarray) -> None:
+    """Store calibration images (atomically, no pickle)."""
     with atomic_open(path) as fh:
-        np.save(fh, arr, allow_pickle=False)
-    return arr
+        np.save(fh, calibration, allow_pickle=False)
 
 
 def load_calibration(path: Path) -> np.ndarray | None:
