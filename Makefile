@@ -36,7 +36,7 @@ test: install
 
 ui: install
 	@echo "Dagster UI: http://$(HOST):$(PORT)  (DAGSTER_HOME=$(DAGSTER_HOME))"
-	@$(UV) run --frozen --no-sync dagster dev -h $(HOST) -p $(PORT)
+	@$(UV) run --frozen --no-sync dg dev -h $(HOST) -p $(PORT)
 
 bench: uv
 	@$(UV) sync --frozen --quiet --group bench

@@ -1,11 +1,16 @@
-"""The code location loads, validates, and contains the ingest assets with their checks and pool."""
+"""The code location loads (in-process and with `dg check defs`), validates, and contains the ingest
+assets with their checks and pool; resources passed to build_definitions replace the bound ones."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 INGEST_KEYS = {"raw_interactions", "interactions", "item_catalog", "split"}
@@ -47,3 +52,38 @@ def test_project_instance_config_limits_the_duckdb_pool_to_one_step(tmp_path, mo
         pools = instance.get_concurrency_config().pool_config
     assert pools.default_pool_limit == 1
     assert pools.pool_granularity.value == "op"
+
+
+def test_resources_passed_to_build_definitions_replace_the_bound_ones(tmp_path):
+    from visrec_pipeline.definitions import build_definitions, defs
+    from visrec_pipeline.defs.images import CommonsImageSource
+    from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+
+    assert set(defs.resources) == {"settings", "duckdb", "commons"}
+    resources = {
+        "settings": VisrecSettings(data_dir=str(tmp_path / "data"), dataset="demo"),
+        "duckdb": VisrecDuckDB(database=str(tmp_path / "visrec.duckdb")),
+        "commons": CommonsImageSource(),
+    }
+    rebound = build_definitions(resources)
+    assert dict(rebound.resources) == resources
+    assert rebound.executor is defs.executor
+    graph, rebound_graph = defs.resolve_asset_graph(), rebound.resolve_asset_graph()
+    assert rebound_graph.get_all_asset_keys() == graph.get_all_asset_keys()
+    assert rebound_graph.asset_check_keys == graph.asset_check_keys
+
+
+def test_dg_check_defs_loads_the_project(tmp_path):
+    """`dg check defs` from the repo root finds the project ([tool.dg] in pyproject.toml) and loads it."""
+    dg_cli = Path(sys.executable).with_name("dg")
+    if not dg_cli.exists():
+        pytest.skip(f"dg (dagster-dg-cli) is not installed next to {sys.executable}")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VISREC_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [str(dg_cli), "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All definitions loaded successfully" in done.stdout + done.stderr

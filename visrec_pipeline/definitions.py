@@ -1,49 +1,27 @@
-"""The Dagster code location: every asset, check, job, sensor and resource.
+"""The Dagster code location: every module of ``visrec_pipeline/defs/``, loaded by folder, plus the
+executor and the ``visrec_all`` job.
 
-Each ``visrec_pipeline.defs.<module>`` exposes ``defs`` (a ``dg.Definitions``);
-they are merged here with the shared resources and the executor.
+``dg`` (``[tool.dg]`` in pyproject.toml), ``dagster dev`` (workspace.yaml), the CLI, the tests and
+the forkserver of the multiprocess executor all import this module.
 """
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 
 import dagster as dg
+from dagster._record import replace
 
-from visrec_pipeline.defs.resources import MAX_CONCURRENT_STEPS, default_resources
+from visrec_pipeline.defs.resources import MAX_CONCURRENT_STEPS
 
-_MODULES = (
-    "ingest",
-    "images",
-    "embeddings",
-    "triples",
-    "models",
-    "report",
-    "refresh",
-)
-
-# Each step runs in a process forked from a server that has already imported
-# torch and the pipeline, so a step starts in well under a second.
+# Each step runs in a process forked from a server that has already imported this module (torch,
+# the pipeline and the loaded location), so a step starts in well under a second.
 EXECUTOR = dg.multiprocess_executor.configured(
     {
         "max_concurrent": MAX_CONCURRENT_STEPS,
         "start_method": {"forkserver": {"preload_modules": ["visrec_pipeline.definitions"]}},
     }
 )
-
-
-def _module_defs() -> list[dg.Definitions]:
-    found = []
-    for name in _MODULES:
-        try:
-            module = importlib.import_module(f"visrec_pipeline.defs.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"visrec_pipeline.defs.{name}":
-                raise
-            continue
-        found.append(module.defs)
-    return found
-
 
 ALL_ASSETS_JOB = dg.define_asset_job(
     "visrec_all",
@@ -53,17 +31,23 @@ ALL_ASSETS_JOB = dg.define_asset_job(
 )
 
 
-def all_resources() -> dict:
-    from visrec_pipeline.defs.images import CommonsImageSource
-
-    return {**default_resources(), "commons": CommonsImageSource()}
-
-
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
-    return dg.Definitions.merge(
-        *_module_defs(),
-        dg.Definitions(resources=resources or all_resources(), executor=EXECUTOR, jobs=[ALL_ASSETS_JOB]),
+    """The whole location. ``resources`` replaces the ones ``defs/resources.py`` binds (tests point
+    them at a temporary workspace)."""
+    location = dg.Definitions.merge(
+        dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+        dg.Definitions(executor=EXECUTOR, jobs=[ALL_ASSETS_JOB]),
     )
+    # Definitions.merge refuses two values for one resource key, so an override replaces the field
+    return location if resources is None else replace(location, resources=resources)
 
 
 defs = build_definitions()
+
+
+@dg.definitions
+def code_location() -> dg.Definitions:
+    """What ``dg dev``, ``dg check defs`` and ``dagster dev`` load (a ``@dg.definitions`` function is
+    preferred over a module-level ``Definitions``). It hands back ``defs``, built once at import, so a
+    step process forked from the preloaded forkserver reconstructs its job without loading the folder again."""
+    return defs

@@ -16,9 +16,7 @@ import os
 
 import dagster as dg
 
-from visrec_pipeline.defs.commons_poll import defs as commons_poll_defs
-from visrec_pipeline.defs.incoming import BATCHES, INCOMING_ASSET, PARTITIONED_TAG, defs as incoming_defs
-from visrec_pipeline.defs.incoming import incoming_interactions
+from visrec_pipeline.defs.incoming import BATCHES, INCOMING_ASSET, PARTITIONED_TAG, incoming_interactions
 from visrec_pipeline.defs.resources import VisrecSettings
 from visrec_pipeline.ingest.incoming import key_hash, scan_incoming
 
@@ -149,12 +147,10 @@ visrec_automation = dg.AutomationConditionSensorDefinition(
     "after a pause requests each asset at most once.",
 )
 
-defs = dg.Definitions.merge(
-    incoming_defs,
-    commons_poll_defs,
-    dg.Definitions(
-        jobs=[ingest_batch_job, refresh_job],
-        sensors=[incoming_files_sensor, visrec_automation],
-        schedules=[visrec_refresh_schedule],
-    ),
+# incoming.py and commons_poll.py hold the partitioned asset and the Commons sensor; the defs
+# folder loads each module's one Definitions object on its own.
+defs = dg.Definitions(
+    jobs=[ingest_batch_job, refresh_job],
+    sensors=[incoming_files_sensor, visrec_automation],
+    schedules=[visrec_refresh_schedule],
 )

@@ -96,3 +96,14 @@ def default_resources(workspace: Workspace | None = None) -> dict[str, dg.Config
         "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
         "duckdb": VisrecDuckDB(database=str(ws.db_path)),
     }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Every resource of the code location, bound here once: settings and DuckDB from the
+    environment, the Commons client for item images. Built when the location loads, so the
+    environment of the loading process decides the workspace."""
+    # images.py imports this module for the pool and the resource types
+    from visrec_pipeline.defs.images import CommonsImageSource
+
+    return dg.Definitions(resources={**default_resources(), "commons": CommonsImageSource()})
