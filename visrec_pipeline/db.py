@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Read as package data (not a path beside the source tree): an installed wheel carries them.
+SQL_PACKAGE = "visrec_pipeline.sql"
 
 _LOCK_MARKERS = ("lock", "Conflicting lock", "being used by another process")
 
@@ -65,14 +68,41 @@ def connect(database: str | Path, *, read_only: bool = False, timeout_s: float =
 
 
 def sql(name: str) -> str:
-    """Text of ``sql/<name>.sql``."""
-    path = SQL_DIR / f"{name}.sql"
-    return path.read_text()
+    """Text of ``visrec_pipeline/sql/<name>.sql``."""
+    return files(SQL_PACKAGE).joinpath(f"{name}.sql").read_text(encoding="utf-8")
 
 
-def run_script(conn: duckdb.DuckDBPyConnection, name: str) -> None:
-    """Run every statement of ``sql/<name>.sql`` (DDL/DML without parameters)."""
-    conn.execute(sql(name))
+def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None):
+    """Execute every statement of ``sql/<name>.sql``; returns the connection after the last one.
+
+    DuckDB binds prepared parameters only for single statements, so the file is split with
+    DuckDB's own parser and every statement gets just the ``$name`` parameters it uses.
+    """
+    params = dict(params or {})
+    conn.execute("SET enable_progress_bar = false")  # no terminal bars in step logs
+    result = conn
+    for statement in duckdb.extract_statements(sql(name)):
+        wanted = statement.named_parameters
+        missing = wanted - params.keys()
+        if missing:
+            raise KeyError(f"sql/{name}.sql needs parameter(s) {sorted(missing)}")
+        result = conn.execute(statement, {k: params[k] for k in wanted}) if wanted else conn.execute(statement)
+    return result
+
+
+def query_df(conn: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None):
+    """The last statement's result of ``sql/<name>.sql`` as a pandas DataFrame."""
+    return run_sql(conn, name, params).df()
+
+
+def query_one(conn: duckdb.DuckDBPyConnection, name: str, params: Mapping[str, Any] | None = None) -> dict:
+    """The single row of the last statement of ``sql/<name>.sql`` as a dict."""
+    cursor = run_sql(conn, name, params)
+    names = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()  # fetch everything: DuckDB refuses new work while a result is unfinished
+    if len(rows) != 1:
+        raise ValueError(f"sql/{name}.sql returned {len(rows)} rows, expected 1")
+    return dict(zip(names, rows[0]))
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from visrec_pipeline import db
+from visrec_pipeline import db, triple_sets
 from visrec_pipeline.images.store import file_sha256
 
 _BATCH_COLUMNS = "batch_id, batch_seq, source_file, left(sha256, 12), n_rows"
@@ -46,16 +46,10 @@ def embeddings_used(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict:
 
 def triples_used(conn: duckdb.DuckDBPyConnection, name: str) -> dict:
     """The triple set's row of ``triple_sets`` (and the stored file's hash for guided triples)."""
-    if not db.table_exists(conn, "triple_sets"):
+    row = triple_sets.read(conn, name)
+    if row is None:
         return {"name": name, "present": False}
-    row = conn.execute(
-        "SELECT seed, n_users, n_items, n_positives, triples_per_epoch, file, strftime(created_at, '%Y-%m-%dT%H:%M:%S') "
-        "FROM triple_sets WHERE name = ?",
-        [name],
-    ).fetchall()
-    if not row:
-        return {"name": name, "present": False}
-    seed, users, items, positives, per_epoch, file, created = row[0]
+    seed, users, items, positives, per_epoch, file, created = row
     out = {
         "name": name,
         "present": True,

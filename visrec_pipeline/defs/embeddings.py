@@ -1,9 +1,7 @@
 """Assets ``embeddings_<backbone>`` (one per registered backbone, built by one factory) and
 ``visual_clusters``: CNN features of every ok thumbnail, computed incrementally, and k-means over them."""
 
-from collections.abc import Iterator, Mapping
 import time
-from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -12,14 +10,16 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from visrec_pipeline import db
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
-from visrec_pipeline.embeddings import preview, store
-from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec, output_shapes
-from visrec_pipeline.embeddings.extract import extract_features, load_backbone, resolve_device
+from visrec_pipeline.embeddings import preview, store, update
+from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
+from visrec_pipeline.embeddings.extract import load_backbone, resolve_device
 from visrec_pipeline.embeddings.kmeans import ClusterState, assign, kmeans, l2_normalize
-from visrec_pipeline.embeddings.similarity import cosine_neighbours
+from visrec_pipeline.embeddings.thumbnails import ThumbnailPaths
+from visrec_pipeline.embeddings.weights import WeightsChoice
+from visrec_pipeline.images import table as images_table
+from visrec_pipeline.paths import Workspace
 from visrec_pipeline.reporting.grids import png_markdown
 
 EMBEDDINGS_CODE_VERSION = "1"
@@ -55,50 +55,59 @@ class EmbeddingConfig(dg.Config):
     neighbours: int = Field(default=5, ge=1)
 
 
-def _image_path(root: Path, rel: str | None) -> Path | None:
-    """The thumbnail path, only if it stays inside the workspace (paths come from a table)."""
-    if not rel:
-        return None
-    path = (root / rel).resolve()
-    return path if path.is_relative_to(root.resolve()) else None
-
-
-class _ThumbnailPaths(Mapping):
-    """item id -> thumbnail path, resolved on lookup: previews need a few dozen of thousands of rows."""
-
-    def __init__(self, root: Path, rows: list[tuple[int, str]]):
-        self._root, self._rel = root, {int(i): p for i, p in rows}
-
-    def __getitem__(self, item_id: int) -> Path | None:
-        return _image_path(self._root, self._rel[item_id])
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._rel)
-
-    def __len__(self) -> int:
-        return len(self._rel)
-
-
-def _require_item_images(conn) -> None:
-    if not db.table_exists(conn, "item_images"):
-        raise RuntimeError("table item_images does not exist: materialize the item_images asset first")
-
-
-def _neighbour_grid(
-    snap: store.FeatureSnapshot, paths: dict[int, Path], n_queries: int, k: int, cache: preview.GridCache
-) -> bytes | None:
-    ids = snap.item_ids
-    if len(ids) < 2 or n_queries == 0:
-        return None
-    query_ids = preview.stable_sample(ids, n_queries)  # the same queries refresh after refresh
-    qf, _ = snap.pooled(query_ids)
-    nn_ids, nn_sims = cosine_neighbours(query_ids, qf, snap.iter_pooled(), k)
-    return preview.neighbours_png(paths, query_ids.tolist(), nn_ids, nn_sims, cache)
-
-
 def _loud(context: dg.AssetExecutionContext, warning: str) -> None:
     bar = "!" * 78
     context.log.warning(f"\n{bar}\nWEIGHTS WARNING: {warning}\n{bar}")
+
+
+def _embedding_metadata(
+    ws: Workspace,
+    spec: BackboneSpec,
+    choice: WeightsChoice,
+    plan: update.Plan,
+    extraction: update.Extraction,
+    provenance: dict,
+    committed: update.Committed,
+    grid: bytes | None,
+) -> dict:
+    stats = extraction.stats
+    regions, channels = provenance["spatial_regions"], provenance["spatial_channels"]
+    failures_md = pd.DataFrame(
+        extraction.failures[:20], columns=["item_id", "error"]
+    ).to_markdown(index=False) if extraction.failures else "none"
+    statuses = plan.image_status
+    metadata = {
+        "items_served": len(committed.snapshot.item_ids),
+        "computed": stats.n_ok,
+        "reused": plan.n_reused,
+        "failed_to_read": len(extraction.failures),
+        "skipped_not_ok": plan.n_not_ok,
+        "index_rows_dropped": committed.pruned,
+        "pooled_dim": provenance["pooled_dim"],
+        "spatial_shape": f"{regions} x {channels} (regions x channels, float16)" if regions is not None else "none",
+        "weights_used": choice.used,
+        "weights_tag": choice.tag,
+        "weights_warning": choice.warning or "none",
+        "device": stats.device,
+        "precision": stats.precision,
+        "graph": stats.graph,
+        **({"int8_calibration": stats.int8_calibration} if stats.int8_calibration else {}),
+        "batch_size": stats.batch_size,
+        "num_workers": stats.num_workers,
+        "images_per_s": round(stats.images_per_s, 2),
+        "extract_seconds": round(stats.seconds, 2),
+        "shards": committed.n_shards,
+        "compacted_into": committed.compacted_into or "no compaction",
+        "shard_files_removed": committed.files_removed,
+        "features_dir": dg.MetadataValue.path(str(ws.features_dir / spec.name)),
+        "image_status": dg.MetadataValue.md(statuses.to_markdown(index=False) if len(statuses) else "no images"),
+        "read_failures": dg.MetadataValue.md(failures_md),
+    }
+    if grid is not None:
+        metadata["similar_images"] = dg.MetadataValue.md(
+            png_markdown(grid, "query images (outlined) and their cosine nearest neighbours")
+        )
+    return metadata
 
 
 def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
@@ -134,127 +143,46 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
 
         # 1. What to compute (connection held only for the reads).
         with duckdb.get_connection() as conn:
-            _require_item_images(conn)
-            store.ensure_tables(conn)
-            todo = store.todo_items(conn, ws.features_dir, spec.name, choice.tag, spec.revision)
-            statuses = conn.execute(
-                "SELECT status, count(*) AS items, any_value(reason) AS example_reason FROM item_images "
-                "GROUP BY status ORDER BY status"
-            ).df()
-            shards_before = store.referenced_shards(conn, spec.name)
-        n_ok = int(statuses.loc[statuses["status"] == "ok", "items"].sum())
-        not_ok = statuses[statuses["status"] != "ok"]
+            plan = update.plan(conn, ws.features_dir, backbone)
+        context.log.info(f"{spec.name}: {len(plan.todo)} of {plan.n_ok} ok images to compute, {plan.n_reused} reused")
 
         # 2. Extract with no connection held; the new shard appears only once complete.
-        item_ids = todo["item_id"].to_numpy(np.int64)
-        paths = [_image_path(ws.root, p) for p in todo["path"]]
-        context.log.info(f"{spec.name}: {len(todo)} of {n_ok} ok images to compute, {n_ok - len(todo)} reused")
-
         def progress(done: int, total: int, rate: float) -> None:
             context.log.info(f"{spec.name}: {done}/{total} images, {rate:.1f} images/s")
 
-        with store.ShardWriter(ws.features_dir, spec.name, choice.tag, item_ids) as writer:
-            stats = extract_features(
-                backbone,
-                paths,
-                writer.write,
-                device=config.device,
-                precision=config.precision,
-                batch_size=config.batch_size,
-                num_workers=config.num_workers,
-                progress=progress,
-                progress_every=config.progress_every_batches,
-                cpu_graph=config.cpu_graph,
-                int8_calibration=store.calibration_path(ws.features_dir, spec.name, choice.tag, spec.revision),
-            )
-        for note in stats.notes:
-            context.log.warning(note)
-        failed_pos = np.array([p for p, _ in stats.failures], dtype=np.int64)
-        good = np.ones(len(todo), dtype=bool)
-        good[failed_pos] = False
-        rows = pd.DataFrame(
-            {"item_id": item_ids[good], "row": np.flatnonzero(good), "content_hash": todo["content_hash"].to_numpy()[good]}
+        extraction = update.extract(
+            backbone,
+            plan,
+            ws.root,
+            ws.features_dir,
+            device=config.device,
+            precision=config.precision,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            progress=progress,
+            progress_every=config.progress_every_batches,
+            cpu_graph=config.cpu_graph,
         )
-        if stats.failures:
+        for note in extraction.stats.notes:
+            context.log.warning(note)
+        if extraction.failures:
+            item_id, error = extraction.failures[0]
             context.log.warning(
-                f"{spec.name}: {len(stats.failures)} image(s) could not be read, e.g. item "
-                f"{int(item_ids[stats.failures[0][0]])}: {stats.failures[0][1]}"
+                f"{spec.name}: {len(extraction.failures)} image(s) could not be read, e.g. item {item_id}: {error}"
             )
 
         # 3. Point the index at the new rows (one transaction), then tidy the shards.
-        pooled_dim, spatial = output_shapes(spec)
-        provenance = {
-            "weights_used": choice.used,
-            "weights_warning": choice.warning,
-            "pooled_node": spec.pooled_node,
-            "pooled_dim": pooled_dim,
-            "spatial_node": spec.spatial_node,
-            "spatial_regions": spatial[0] if spatial else None,
-            "spatial_channels": spatial[1] if spatial else None,
-            "preprocessing": repr(backbone.transform).replace("\n", " "),
-        }
-        written = {(choice.tag, writer.shard)} if writer.shard else set()
-
-        def tidy(conn):
-            superseded = (shards_before | written) - store.referenced_shards(conn, spec.name)
-            files_removed = store.remove_unreferenced(conn, ws.features_dir, spec.name, superseded)
-            snap = store.snapshot(conn, ws.features_dir, spec.name)
-            path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
-            return files_removed, snap, path_rows, len(store.referenced_shards(conn, spec.name))
-
-        compacted = None
-        with duckdb.get_connection() as conn:  # one connection unless the shards need compacting
-            pruned = store.commit_index(
-                conn, spec.name, choice.tag, writer.shard, rows, provenance, spec.revision
-            )
-            compact = len(store.referenced_shards(conn, spec.name)) > config.max_shards
-            if not compact:
-                files_removed, snap, path_rows, n_shards = tidy(conn)
-        if compact:  # copies features with no connection held
-            compacted = store.compact(duckdb.get_connection, ws.features_dir, spec.name, max_shards=config.max_shards)
-            with duckdb.get_connection() as conn:
-                files_removed, snap, path_rows, n_shards = tidy(conn)
-        paths_by_id = _ThumbnailPaths(ws.root, path_rows)
-        grid = _neighbour_grid(
-            snap, paths_by_id, config.neighbour_queries, config.neighbours,
-            preview.GridCache(ws.previews_dir / f"similar_{spec.name}"),
+        provenance = update.provenance(backbone)
+        committed = update.commit(
+            duckdb.get_connection, ws.features_dir, backbone, plan, extraction, provenance, max_shards=config.max_shards
         )
-
-        failures_md = pd.DataFrame(
-            [(int(item_ids[p]), e) for p, e in stats.failures[:20]], columns=["item_id", "error"]
-        ).to_markdown(index=False) if stats.failures else "none"
-        metadata = {
-            "items_served": len(snap.item_ids),
-            "computed": stats.n_ok,
-            "reused": n_ok - len(todo),
-            "failed_to_read": len(stats.failures),
-            "skipped_not_ok": int(not_ok["items"].sum()),
-            "index_rows_dropped": pruned,
-            "pooled_dim": pooled_dim,
-            "spatial_shape": f"{spatial[0]} x {spatial[1]} (regions x channels, float16)" if spatial else "none",
-            "weights_used": choice.used,
-            "weights_tag": choice.tag,
-            "weights_warning": choice.warning or "none",
-            "device": stats.device,
-            "precision": stats.precision,
-            "graph": stats.graph,
-            **({"int8_calibration": stats.int8_calibration} if stats.int8_calibration else {}),
-            "batch_size": stats.batch_size,
-            "num_workers": stats.num_workers,
-            "images_per_s": round(stats.images_per_s, 2),
-            "extract_seconds": round(stats.seconds, 2),
-            "shards": n_shards,
-            "compacted_into": compacted or "no compaction",
-            "shard_files_removed": files_removed,
-            "features_dir": dg.MetadataValue.path(str(ws.features_dir / spec.name)),
-            "image_status": dg.MetadataValue.md(statuses.to_markdown(index=False) if len(statuses) else "no images"),
-            "read_failures": dg.MetadataValue.md(failures_md),
-        }
-        if grid is not None:
-            metadata["similar_images"] = dg.MetadataValue.md(
-                png_markdown(grid, "query images (outlined) and their cosine nearest neighbours")
-            )
-        return dg.MaterializeResult(metadata=metadata)
+        grid = preview.neighbour_grid(
+            committed.snapshot, ThumbnailPaths(ws.root, committed.ok_paths), config.neighbour_queries,
+            config.neighbours, preview.GridCache(ws.previews_dir / f"similar_{spec.name}"),
+        )
+        return dg.MaterializeResult(
+            metadata=_embedding_metadata(ws, spec, choice, plan, extraction, provenance, committed, grid)
+        )
 
     return _asset
 
@@ -268,9 +196,9 @@ def embedding_coverage_check(asset: dg.AssetsDefinition, spec: BackboneSpec) -> 
     def _check(settings: VisrecSettings, duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
         ws = settings.workspace
         with duckdb.get_connection() as conn:
-            _require_item_images(conn)
+            images_table.require_table(conn)
             store.ensure_tables(conn)
-            n_ok = conn.execute("SELECT count(*) FROM item_images WHERE status = 'ok'").fetchone()[0]
+            n_ok = images_table.ok_count(conn)
             missing_files = store.missing_shards(conn, ws.features_dir, spec.name)
             served = len(store.snapshot(conn, ws.features_dir, spec.name).item_ids) if store.feature_provenance(
                 conn, spec.name
@@ -315,7 +243,7 @@ def visual_clusters(
     with duckdb.get_connection() as conn:
         store.ensure_tables(conn)
         snap = store.snapshot(conn, ws.features_dir, CLUSTER_BACKBONE)
-        path_rows = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall()
+        path_rows = images_table.ok_paths(conn)
     ids = snap.item_ids
     device = resolve_device(config.device)
     t0 = time.perf_counter()
@@ -338,15 +266,8 @@ def visual_clusters(
         labels, centroids = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         context.log.warning(f"no {CLUSTER_BACKBONE} features are served: visual_clusters is empty")
     seconds = time.perf_counter() - t0
-    out = pd.DataFrame({"backbone": CLUSTER_BACKBONE, "item_id": ids, "cluster": labels.astype(np.int32)})
     with duckdb.get_connection() as conn:
-        conn.register("_new_clusters", out)
-        try:
-            with db.transaction(conn):
-                conn.execute("DELETE FROM visual_clusters WHERE backbone = ?", [CLUSTER_BACKBONE])
-                conn.execute("INSERT INTO visual_clusters SELECT backbone, item_id, cluster FROM _new_clusters")
-        finally:
-            conn.unregister("_new_clusters")
+        store.replace_clusters(conn, CLUSTER_BACKBONE, ids, labels)
 
     sizes = np.bincount(labels, minlength=len(centroids)) if len(ids) else np.zeros(0, np.int64)
     metadata = {
@@ -366,7 +287,7 @@ def visual_clusters(
     }
     if len(ids) and config.preview_clusters:
         png = preview.cluster_samples_png(
-            _ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
+            ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
             config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"),
         )
         metadata["cluster_samples"] = dg.MetadataValue.md(png_markdown(png, "cluster samples"))

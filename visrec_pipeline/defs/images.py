@@ -24,7 +24,6 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field, field_validator
 
-from visrec_pipeline import db
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.images.commons import (
@@ -33,6 +32,7 @@ from visrec_pipeline.images.commons import (
     CommonsClient,
     make_user_agent,
 )
+from visrec_pipeline.images import table as images_table
 from visrec_pipeline.images.store import ImageStore, file_sha256
 from visrec_pipeline.images.sync import (
     DEFAULT_CHUNK_SIZE,
@@ -195,19 +195,10 @@ def item_images(
             client.close()
 
     with duckdb.get_connection() as conn:
-        summary = conn.execute(db.sql("images_summary")).df()
-        failures = conn.execute(
-            "SELECT item_id, status, reason, source FROM item_images WHERE status <> 'ok' "
-            "ORDER BY updated_at DESC, item_id LIMIT 10"
-        ).df()
-        n_rows = int(conn.execute("SELECT count(*) FROM item_images").fetchone()[0])
-        examples = report.ok_examples or [
-            (int(i), h)
-            for i, h in conn.execute(
-                "SELECT item_id, content_hash FROM item_images WHERE status = 'ok' ORDER BY item_id LIMIT ?",
-                [GRID_SIZE],
-            ).fetchall()
-        ]
+        summary = images_table.catalogue_status_summary(conn)
+        failures = images_table.recent_failures(conn, limit=10)
+        n_rows = images_table.row_count(conn)
+        examples = report.ok_examples or images_table.ok_hashes(conn, limit=GRID_SIZE)
 
     counts = {s: 0 for s in (*STATUSES, "pending")}
     counts.update({str(r.status): int(r.items) for r in summary.itertuples()})
@@ -257,10 +248,7 @@ def min_image_share() -> float:
 def item_images_ok_share(duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
     floor = min_image_share()
     with duckdb.get_connection() as conn:
-        total, ok = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE i.status = 'ok') "
-            "FROM item_catalog c LEFT JOIN item_images i ON i.item_id = c.item_id"
-        ).fetchone()
+        total, ok = images_table.catalogued_and_ok(conn)
     share = ok / total if total else 0.0
     return dg.AssetCheckResult(
         passed=bool(total) and share >= floor,
@@ -277,7 +265,7 @@ def item_images_ok_share(duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
 def item_images_files_intact(settings: VisrecSettings, duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
     ws = settings.workspace
     with duckdb.get_connection() as conn:
-        rows = conn.execute("SELECT item_id, content_hash, path FROM item_images WHERE status = 'ok'").fetchall()
+        rows = images_table.ok_files(conn)
     store = ImageStore.for_workspace(ws)
     missing, mismatched, misplaced = [], [], []
     for item_id, h, rel in rows:  # hashing ~20 KB per thumbnail; the connection is closed meanwhile

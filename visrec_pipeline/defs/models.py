@@ -224,7 +224,7 @@ def _feature_provenance(conn, spec: ModelSpec) -> dict:
 
 def write_evaluation(conn, name: str, result, rows: pd.DataFrame, *, train_seconds: float) -> None:
     """Replace this model's rows in ``evaluation_rows`` (long format) and ``evaluation_summary``."""
-    db.run_script(conn, "evaluation_tables")
+    db.run_sql(conn, "evaluation_tables")
     id_cols = [c for c in ("user_id", "profile_size", "n_relevant", "n_candidates", "has_cold") if c in rows]
     metric_cols = [c for c in rows.columns if c not in id_cols and c != "row"]
     long = rows.melt(id_vars=id_cols, value_vars=metric_cols, var_name="metric", value_name="value")
@@ -290,7 +290,7 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
             frames.append(frame[valid])
         recs = pd.concat(frames, ignore_index=True)
         with duckdb.get_connection() as conn:
-            db.run_script(conn, "recommendations_table")
+            db.run_sql(conn, "recommendations_table")
             with db.transaction(conn):
                 conn.execute("DELETE FROM recommendations")
                 conn.register("recs_df", recs)

@@ -7,12 +7,26 @@ import dagster as dg
 import pandas as pd
 import pydantic
 
-from visrec_pipeline import db
+from visrec_pipeline import triple_sets
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data, save_guided_triples
 from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, build_guided_triples
+
+
+def _record(conn, name: str, seed: int, data, fit, triples_per_epoch: int, file: str | None = None) -> None:
+    """The ``triple_sets`` row of a triple set drawn from ``fit``'s training rows (``data``: all of them)."""
+    triple_sets.record(
+        conn,
+        name,
+        seed=seed,
+        n_users=len(data.users),
+        n_items=len(data.items),
+        n_positives=fit.train.nnz,
+        triples_per_epoch=triples_per_epoch,
+        file=file,
+    )
 
 
 class RandomTriplesConfig(dg.Config):
@@ -36,13 +50,7 @@ def triples_random(
         data = load_rec_data(conn)
         fit, validation = data.validation_split()
         per_epoch = config.triples_per_epoch or fit.train.nnz
-        db.run_script(conn, "triple_sets_table")
-        with db.transaction(conn):
-            conn.execute("DELETE FROM triple_sets WHERE name = 'random'")
-            conn.execute(
-                "INSERT INTO triple_sets VALUES ('random', ?, ?, ?, ?, ?, NULL, now())",
-                [config.seed, len(data.users), len(data.items), fit.train.nnz, per_epoch],
-            )
+        _record(conn, "random", config.seed, data, fit, per_epoch)
     return dg.MaterializeResult(
         metadata={
             "seed": config.seed,
@@ -91,13 +99,7 @@ def triples_guided(
     path = save_guided_triples(ws, triples, data.items)
     counts = triples.summary()
     with duckdb.get_connection() as conn:
-        db.run_script(conn, "triple_sets_table")
-        with db.transaction(conn):
-            conn.execute("DELETE FROM triple_sets WHERE name = 'guided'")
-            conn.execute(
-                "INSERT INTO triple_sets VALUES ('guided', ?, ?, ?, ?, ?, ?, now())",
-                [sampler_config.seed, len(data.users), len(data.items), fit.train.nnz, len(triples), str(path)],
-            )
+        _record(conn, "guided", sampler_config.seed, data, fit, len(triples), file=str(path))
     table = pd.DataFrame({"guideline": list(counts), "triples": list(counts.values())})
     return dg.MaterializeResult(
         metadata={

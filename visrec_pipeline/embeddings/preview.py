@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from visrec_pipeline.atomic import atomic_path
+from visrec_pipeline.embeddings.similarity import cosine_neighbours
+from visrec_pipeline.embeddings.store import FeatureSnapshot
 from visrec_pipeline.reporting.grids import image_grid_png
 
 TILE = 96
@@ -128,3 +131,17 @@ def cluster_samples_png(
             tiles.append(paths.get(int(members[m])) if m < len(members) else None)
             captions.append(f"cluster {c}" if m == 0 else (str(int(members[m])) if m < len(members) else ""))
     return (cache or GridCache(None)).png(tiles, captions, cols=per_cluster)
+
+
+def neighbour_grid(
+    snap: FeatureSnapshot, paths: Mapping[int, Path | None], n_queries: int, k: int, cache: GridCache
+) -> bytes | None:
+    """:func:`neighbours_png` of ``n_queries`` served items (the same ones refresh after refresh) and
+    their ``k`` cosine nearest neighbours; None when there is nothing to show."""
+    ids = snap.item_ids
+    if len(ids) < 2 or n_queries == 0:
+        return None
+    query_ids = stable_sample(ids, n_queries)
+    qf, _ = snap.pooled(query_ids)
+    nn_ids, nn_sims = cosine_neighbours(query_ids, qf, snap.iter_pooled(), k)
+    return neighbours_png(paths, query_ids.tolist(), nn_ids, nn_sims, cache)

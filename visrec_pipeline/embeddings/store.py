@@ -40,7 +40,7 @@ class FeaturesNotFoundError(LookupError):
 
 
 def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
-    db.run_script(conn, "embeddings_tables")
+    db.run_sql(conn, "embeddings_tables")
 
 
 def safe_tag(weights_tag: str) -> str:
@@ -139,7 +139,11 @@ def todo_items(
 ) -> pd.DataFrame:
     """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag`` at ``revision``."""
     missing = missing_shards(conn, features_dir, backbone)
-    return conn.execute(db.sql("embeddings_todo"), [backbone, weights_tag, missing, int(revision)]).df()
+    return db.query_df(
+        conn,
+        "embeddings_todo",
+        {"backbone": backbone, "weights_tag": weights_tag, "missing_shards": missing, "revision": int(revision)},
+    )
 
 
 def commit_index(
@@ -163,7 +167,7 @@ def commit_index(
     try:
         with db.transaction(conn):
             before = conn.execute("SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]).fetchone()[0]
-            conn.execute(db.sql("embeddings_prune"), [backbone, weights_tag])
+            db.run_sql(conn, "embeddings_prune", {"backbone": backbone, "weights_tag": weights_tag})
             pruned = before - conn.execute(
                 "SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]
             ).fetchone()[0]
@@ -280,6 +284,18 @@ def compact(
     return writer.shard
 
 
+def replace_clusters(conn: duckdb.DuckDBPyConnection, backbone: str, item_ids: np.ndarray, clusters: np.ndarray) -> None:
+    """Replace ``backbone``'s rows of ``visual_clusters`` with ``item_ids[i] -> clusters[i]`` in one transaction."""
+    frame = pd.DataFrame({"backbone": backbone, "item_id": item_ids, "cluster": clusters.astype(np.int32)})
+    conn.register("_new_clusters", frame)
+    try:
+        with db.transaction(conn):
+            conn.execute("DELETE FROM visual_clusters WHERE backbone = ?", [backbone])
+            conn.execute("INSERT INTO visual_clusters SELECT backbone, item_id, cluster FROM _new_clusters")
+    finally:
+        conn.unregister("_new_clusters")
+
+
 # --- readers ---------------------------------------------------------------------------------
 
 
@@ -312,7 +328,7 @@ def _provenance_or_raise(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict
 def _served_rows(conn: duckdb.DuckDBPyConnection, backbone: str) -> pd.DataFrame:
     if not db.table_exists(conn, "item_images"):
         raise FeaturesNotFoundError("table item_images is missing: features are served only for current ok images")
-    return conn.execute(db.sql("embeddings_served"), [backbone]).df()
+    return db.query_df(conn, "embeddings_served", {"backbone": backbone})
 
 
 @dataclass(frozen=True)

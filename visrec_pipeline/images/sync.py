@@ -23,7 +23,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol
 
 import duckdb
 import pandas as pd
@@ -31,6 +31,7 @@ import pandas as pd
 from visrec_pipeline import db
 from visrec_pipeline.images.commons import CommonsClient, CommonsError, MissingFile
 from visrec_pipeline.images.store import DatasetImages, ImageStore
+from visrec_pipeline.images.table import catalogue_with_images, ensure_table, upsert_rows
 from visrec_pipeline.images.validate import ImageLimits, ImageStatus
 from visrec_pipeline.images.worker import ItemImageRow, thumbnail_bytes_to_store, thumbnail_file_to_store
 
@@ -148,11 +149,7 @@ class _SizedFuture:
         return row
 
 
-# ---------------------------------------------------------------- DuckDB
-
-
-def ensure_table(conn: duckdb.DuckDBPyConnection) -> None:
-    db.run_script(conn, "images_table")
+# ---------------------------------------------------------------- what to (re)process
 
 
 def pending_items(
@@ -163,7 +160,7 @@ def pending_items(
     folder: FolderImageSource | None = None,
 ) -> pd.DataFrame:
     """``item_id, title, why`` of the items this run should (re)process, in item_id order."""
-    df = conn.execute(db.sql("images_pending")).df()
+    df = catalogue_with_images(conn)
     if df.empty:
         return pd.DataFrame({"item_id": pd.Series(dtype="int64"), "title": pd.Series(dtype="object"), "why": []})
     status = df["status"]
@@ -182,31 +179,6 @@ def pending_items(
         why[cand[appeared]] = "image appeared"
     todo = df[why.notna()].assign(why=why[why.notna()])
     return todo[["item_id", "title", "why"]].reset_index(drop=True)
-
-
-def upsert_rows(conn: duckdb.DuckDBPyConnection, rows: Sequence[ItemImageRow]) -> None:
-    """Insert or replace ``rows`` (unique item ids) in one statement; call inside a transaction."""
-    if not rows:
-        return
-    frame = pd.DataFrame(
-        {
-            "item_id": pd.array([r.item_id for r in rows], dtype="int64"),
-            "status": [r.status for r in rows],
-            "reason": [r.reason or "" for r in rows],
-            "content_hash": pd.array([r.content_hash for r in rows], dtype="string"),
-            "path": pd.array([r.path for r in rows], dtype="string"),
-            "orig_width": pd.array([r.orig_width for r in rows], dtype="Int32"),
-            "orig_height": pd.array([r.orig_height for r in rows], dtype="Int32"),
-            "source": [r.source for r in rows],
-        }
-    )
-    if frame["item_id"].duplicated().any():
-        raise ValueError("duplicate item ids in one chunk of item_images rows")
-    conn.register("_item_image_rows", frame)
-    try:
-        conn.execute(db.sql("images_upsert"))
-    finally:
-        conn.unregister("_item_image_rows")
 
 
 # ---------------------------------------------------------------- the sync

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from visrec_pipeline.ingest.sqlfiles import query_one
+from visrec_pipeline.db import query_one
 
 # Below this share of users with a holdout row the evaluation rests on few users.
 MIN_HOLDOUT_USER_SHARE = 0.5

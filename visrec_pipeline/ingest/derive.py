@@ -1,6 +1,6 @@
 """Derived tables: deduplicated ``interactions``, ``item_catalog`` and the train/holdout split.
 
-Each builder rewrites its table(s) from SQL in ``sql/`` inside one
+Each builder rewrites its table(s) from SQL in ``visrec_pipeline/sql/`` inside one
 transaction and returns a summary for metadata.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from visrec_pipeline import db
+from visrec_pipeline.db import query_df, query_one, run_sql
 from visrec_pipeline.ingest.items_file import empty_items
-from visrec_pipeline.ingest.sqlfiles import query_df, query_one, run_sql
 from visrec_pipeline.ingest.summary import distribution, sparsity
 
 

@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow as pa
 
 from visrec_pipeline import db
+from visrec_pipeline.db import query_df, query_one, run_sql
 from visrec_pipeline.ingest.interactions_file import InteractionBatch, read_interactions
-from visrec_pipeline.ingest.sqlfiles import query_df, query_one, run_sql
 
 INITIAL_BATCH = "initial"
 

@@ -1,0 +1,9 @@
+-- Drop index rows of $backbone that no longer count: other weights than $weights_tag, or the item's image is gone or not ok.
+DELETE FROM embedding_index e
+WHERE e.backbone = $backbone
+  AND (
+      e.weights_tag <> $weights_tag
+      OR NOT EXISTS (
+          SELECT 1 FROM item_images i WHERE i.item_id = e.item_id AND i.status = 'ok'
+      )
+  )
