@@ -1,7 +1,7 @@
 """Glue between the DuckDB tables / file stores and the recommender library.
 
-Plain Python (no Dagster): the model, evaluation and report assets call these,
-and so can a notebook or a benchmark.
+Plain Python (no Dagster): the use cases of ``visrec_pipeline.pipeline`` and the
+report call these, and so can a notebook or a benchmark.
 """
 
 from __future__ import annotations

@@ -5,15 +5,21 @@ import dagster as dg
 from visrec_pipeline.defs.automation import follows_evaluations
 from visrec_pipeline.defs.resources import VisrecSettings
 from visrec_pipeline.recsys.registry import MODEL_SPECS
-from visrec_pipeline.reporting.benchmark_report import DEFAULT_PLOT_METRICS, write_benchmark_report
+from visrec_pipeline.pipeline import DEFAULT_PROTOCOL
+from visrec_pipeline.reporting.benchmark_report import (
+    DEFAULT_ATTENTION_USERS,
+    DEFAULT_GRID_USERS,
+    DEFAULT_PLOT_METRICS,
+    write_benchmark_report,
+)
 
 
 class BenchmarkReportConfig(dg.Config):
-    protocol: str = "standard"
+    protocol: str = DEFAULT_PROTOCOL
     plot_metrics: list[str] = list(DEFAULT_PLOT_METRICS)
-    grid_users: int = 3
+    grid_users: int = DEFAULT_GRID_USERS
     grid_model: str = ""  # empty: the model with the best nDCG@20
-    attention_users: int = 3  # users in the ACF attention panel (0: no panel)
+    attention_users: int = DEFAULT_ATTENTION_USERS  # users in the ACF attention panel (0: no panel)
 
 
 @dg.asset(

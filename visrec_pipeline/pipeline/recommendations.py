@@ -19,14 +19,14 @@ def recommendations_of(name: str, loaded: LoadedModel, k: int) -> pd.DataFrame:
     (fewer where fewer items are left)."""
     model, data = loaded.model, loaded.data
     items_idx, scores = top_k(model.score, data.holdout, len(data.items), k)
-    m, k = items_idx.shape
+    m, width = items_idx.shape
     flat = items_idx.reshape(-1)
     valid = flat >= 0  # rows with fewer than k candidates are padded with -1
     frame = pd.DataFrame(
         {
             "model": name,
-            "user_id": np.repeat(data.holdout.user_ids, k),
-            "rank": np.tile(np.arange(1, k + 1), m),
+            "user_id": np.repeat(data.holdout.user_ids, width),
+            "rank": np.tile(np.arange(1, width + 1), m),
             "item_id": data.items.ids[np.where(valid, flat, 0)],
             "score": scores.reshape(-1).astype(np.float64),
         }

@@ -15,7 +15,7 @@ from visrec_pipeline import db
 from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.embeddings.store import index_weights_tags
 from visrec_pipeline.paths import Workspace
-from visrec_pipeline.pipeline import results_store
+from visrec_pipeline.pipeline import DEFAULT_PROTOCOL, results_store
 from visrec_pipeline.reporting.acf_panel import acf_attention_panel
 from visrec_pipeline.reporting.benchmark import benchmark_table, table_markdown
 from visrec_pipeline.reporting.grids import png_markdown
@@ -26,6 +26,8 @@ REPORT_FILE = "benchmark.md"
 TABLE_FILE = "benchmark.csv"
 ACF_ATTENTION_FILE = "acf_attention.png"
 DEFAULT_PLOT_METRICS = ("auc", "ndcg@20", "recall@100")
+DEFAULT_GRID_USERS = 3
+DEFAULT_ATTENTION_USERS = 3
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,11 @@ def weights_warning(conn: duckdb.DuckDBPyConnection) -> str | None:
 def write_benchmark_report(
     ws: Workspace,
     *,
-    protocol: str = "standard",
+    protocol: str = DEFAULT_PROTOCOL,
     plot_metrics: Sequence[str] = DEFAULT_PLOT_METRICS,
-    grid_users: int = 3,
+    grid_users: int = DEFAULT_GRID_USERS,
     grid_model: str = "",
-    attention_users: int = 3,
+    attention_users: int = DEFAULT_ATTENTION_USERS,
 ) -> BenchmarkReport:
     """Build the report from ``evaluation_summary``/``evaluation_rows``/``recommendations`` under
     ``protocol`` and write ``benchmark.md``, ``benchmark.csv`` and the PNGs to ``reports/``.
