@@ -111,9 +111,9 @@ def test_region_grid_and_empty_panel():
 
 
 def test_report_skips_the_panel_with_a_note_when_acf_is_not_trained(tmp_path):
-    from visrec_pipeline.defs.report import _acf_attention
-    from visrec_pipeline.defs.resources import VisrecSettings
+    from visrec_pipeline.paths import Workspace
+    from visrec_pipeline.reporting.acf_panel import acf_attention_panel
 
-    note, png = _acf_attention(VisrecSettings(data_dir=str(tmp_path), dataset="demo"), 3)
+    note, png = acf_attention_panel(Workspace.from_settings(tmp_path, "demo"), 3)
     assert png is None and "not trained" in note
     assert not any(tmp_path.iterdir())  # nothing was created

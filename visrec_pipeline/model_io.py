@@ -1,7 +1,7 @@
 """Glue between the DuckDB tables / file stores and the recommender library.
 
-Plain Python (no Dagster): the model, evaluation and report assets call these,
-and so can a notebook or a benchmark.
+Plain Python (no Dagster): the use cases of ``visrec_pipeline.pipeline`` and the
+report call these, and so can a notebook or a benchmark.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ def load_rec_data(conn: duckdb.DuckDBPyConnection) -> RecData:
     holdout = conn.execute("SELECT user_id, profile, predict FROM split_holdout ORDER BY user_id").df()
     item_ids = conn.execute("SELECT item_id FROM item_catalog ORDER BY item_id").fetchnumpy()["item_id"]
     return RecData.from_frames(train, item_ids, holdout)
+
+
+def holdout_by_profile_length(conn: duckdb.DuckDBPyConnection, limit: int) -> pd.DataFrame:
+    """``user_id, profile, predict`` of the ``limit`` holdout rows with the longest profiles (ties: user id)."""
+    return conn.execute(
+        "SELECT user_id, profile, predict FROM split_holdout ORDER BY len(profile) DESC, user_id LIMIT ?", [limit]
+    ).df()
 
 
 def table_fingerprint(conn: duckdb.DuckDBPyConnection, table: str, columns: str) -> str:
@@ -73,12 +80,17 @@ def item_clusters(conn: duckdb.DuckDBPyConnection, items: IndexMap, backbone: st
     return clusters
 
 
+def ok_image_paths(conn: duckdb.DuckDBPyConnection) -> dict[int, str]:
+    """``item_id -> thumbnail path`` (relative to the workspace root) of every item with a valid image."""
+    return dict(conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").fetchall())
+
+
 def item_image_paths(conn: duckdb.DuckDBPyConnection, ws: Workspace, items: IndexMap) -> list[Path | None]:
     """Thumbnail path of every item (None where no valid image), aligned with ``items``."""
-    df = conn.execute("SELECT item_id, path FROM item_images WHERE status = 'ok'").df()
+    stored = ok_image_paths(conn)
     paths: list[Path | None] = [None] * len(items)
-    idx = items.index(df["item_id"].to_numpy(), allow_missing=True)
-    for i, p in zip(idx.tolist(), df["path"].tolist()):
+    idx = items.index(np.fromiter(stored, np.int64, len(stored)), allow_missing=True)
+    for i, p in zip(idx.tolist(), stored.values()):
         if i >= 0:
             paths[i] = ws.root / p
     return paths

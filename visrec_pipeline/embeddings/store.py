@@ -318,6 +318,23 @@ def feature_provenance(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict:
     return rec
 
 
+def index_weights(conn: duckdb.DuckDBPyConnection, backbone: str) -> tuple[str | None, int] | None:
+    """(a weights tag of ``backbone``'s index rows, their count); None when there is no index table."""
+    if not db.table_exists(conn, "embedding_index"):
+        return None
+    tag, n = conn.execute(
+        "SELECT any_value(weights_tag), count(*) FROM embedding_index WHERE backbone = ?", [backbone]
+    ).fetchone()
+    return tag, int(n)
+
+
+def index_weights_tags(conn: duckdb.DuckDBPyConnection) -> list:
+    """Every distinct weights tag in the index (any backbone); empty when there is no index table."""
+    if not db.table_exists(conn, "embedding_index"):
+        return []
+    return [r[0] for r in conn.execute("SELECT DISTINCT weights_tag FROM embedding_index").fetchall()]
+
+
 def _provenance_or_raise(conn: duckdb.DuckDBPyConnection, backbone: str) -> dict:
     prov = feature_provenance(conn, backbone)
     if not prov:
