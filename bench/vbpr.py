@@ -32,7 +32,7 @@ import torch
 from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.evaluate import evaluate
-from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig, scale_features
+from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig, scale_to_unit_norm
 from visrec_pipeline.recsys.models.features import pooled_features
 from visrec_pipeline.recsys.synthetic import planted_dataset
 
@@ -51,12 +51,16 @@ def load_workspace(root: Path) -> tuple[RecData, np.ndarray, np.ndarray]:
     return data, feats, mask
 
 
-def fit_ours(data: RecData, feats: np.ndarray, mask: np.ndarray, args) -> tuple[VBPR, float]:
-    cfg = VBPRConfig(
-        dim_gamma=args.k, dim_theta=args.k2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        reg=args.reg, reg_visual=0.0, feature_scale="none", seed=args.seed, device=args.device,
+def our_config(args) -> VBPRConfig:
+    """Cornac's settings: raw features (``args.feature_scale`` was applied when loading), no L2 on E."""
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device}
+    return VBPRConfig(
+        train=train, dim_gamma=args.k, dim_theta=args.k2, reg=args.reg, reg_visual=0.0, feature_scale="none"
     )
-    model = VBPR(cfg)
+
+
+def fit_ours(data: RecData, feats: np.ndarray, mask: np.ndarray, args) -> tuple[VBPR, float]:
+    model = VBPR(our_config(args))
     started, cpu = time.perf_counter(), time.process_time()
     history = model.fit(data, FitInputs(features=feats, feature_mask=mask))  # no validation: all epochs run
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
@@ -68,11 +72,7 @@ def fit_ours_early_stopping(data: RecData, feats: np.ndarray, mask: np.ndarray, 
     """What the pipeline runs: the last training row of each user carved out as validation, the
     epoch with the best validation AUC kept (at most ``--epochs``)."""
     fit, validation = data.validation_split()
-    cfg = VBPRConfig(
-        dim_gamma=args.k, dim_theta=args.k2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        reg=args.reg, reg_visual=0.0, feature_scale="none", seed=args.seed, device=args.device,
-    )
-    model = VBPR(cfg)
+    model = VBPR(our_config(args))
     history = model.fit(fit, FitInputs(features=feats, feature_mask=mask, validation=validation))
     logging.info("ours with early stopping: best epoch %s of %d", history.best_epoch, len(history.loss))
     return model
@@ -191,7 +191,7 @@ def run_once(args, seed: int) -> dict:
         data, raw, mask = syn.data, syn.features, np.ones(args.items, bool)
         source = f"synthetic {args.users}x{args.items}, {args.dim}-d planted clusters"
     f, m = pooled_features(FitInputs(features=raw, feature_mask=mask), data.n_items, model="bench")
-    feats = scale_features(f, m, args.feature_scale).numpy()
+    feats = scale_to_unit_norm(f, m, args.feature_scale).numpy()
     logging.info("seed %d, %s: %d users, %d items, %d training rows, %d holdout rows, %d threads", seed,
                  source, data.n_users, data.n_items, data.train.nnz, len(data.holdout), torch.get_num_threads())
 

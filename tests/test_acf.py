@@ -34,10 +34,10 @@ def _spatial(features: np.ndarray, seed: int = 0) -> np.ndarray:
     return (features[:, None, :] * w + noise).astype(np.float16)
 
 
-def _config(**kw):
-    base = dict(epochs=6, batch_size=512, lr=1e-2, dim=16, attention_dim=16, max_profile_len=8, device="cpu")
+def _config(train: dict | None = None, **kw):
+    base = dict(dim=16, attention_dim=16, max_profile_len=8)
     base.update(kw)
-    return ACFConfig(**base)
+    return ACFConfig(train={"epochs": 6, "batch_size": 512, "lr": 1e-2, "device": "cpu", **(train or {})}, **base)
 
 
 def _batch(holdout, rows=None):
@@ -145,10 +145,10 @@ def test_the_positive_gets_no_attention_in_training():
 def test_pca_reduction_and_checkpoint_round_trip(syn, tmp_path):
     fit, _ = syn.data.validation_split()
     inputs = FitInputs(spatial=_spatial(syn.features), feature_mask=np.ones(syn.data.n_items, bool))
-    model = ACF(_config(epochs=2, region_pca_dim=6, pca_sample_regions=500))
+    model = ACF(_config({"epochs": 2}, region_pca_dim=6, pca_sample_regions=500))
     history = model.fit(fit, inputs)
     assert history.notes["region_table"]["pca_dim"] == 6 and model.module.reduce.in_features == 6
-    again = ACF(_config(epochs=2, region_pca_dim=6, pca_sample_regions=500))
+    again = ACF(_config({"epochs": 2}, region_pca_dim=6, pca_sample_regions=500))
     again.fit(fit, inputs)
     batch = _batch(syn.data.holdout)
     assert torch.equal(model.score(batch), again.score(batch))  # seeded end to end
@@ -182,7 +182,7 @@ def test_bad_spatial_inputs_are_named(syn):
 def test_a_tiny_dataset_with_one_user():
     frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [10, 11, 12], "ts": [3, 1, 2]})
     data = RecData.from_frames(frame, [10, 11, 12, 13])
-    model = ACF(_config(epochs=1, max_profile_len=2))
+    model = ACF(_config({"epochs": 1}, max_profile_len=2))
     model.fit(data, FitInputs(spatial=np.ones((4, REGIONS, CHANNELS), np.float16)))
     scores = model.score(ScoreBatch(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)))
     assert scores.shape == (1, 4) and torch.isfinite(scores).all()

@@ -15,12 +15,12 @@ from visrec_pipeline.recsys.registry import build_model
 from visrec_pipeline.recsys.synthetic import planted_dataset
 
 FAST = {
-    "random": {},
-    "most_popular": {},
-    "ease": {"l2_grid": [5.0, 50.0]},
-    "visrank": {"agg": "topk_mean", "top_t": 2},
-    "bpr_mf": {"factors": 8, "epochs": 2, "batch_size": 256},
-    "vbpr": {"dim_gamma": 8, "dim_theta": 4, "epochs": 2, "batch_size": 256},
+    "random": {"device": "cpu"},
+    "most_popular": {"device": "cpu"},
+    "ease": {"l2_grid": [5.0, 50.0], "device": "cpu"},
+    "visrank": {"agg": "topk_mean", "top_t": 2, "device": "cpu"},
+    "bpr_mf": {"factors": 8, "train": {"epochs": 2, "batch_size": 256, "device": "cpu"}},
+    "vbpr": {"dim_gamma": 8, "dim_theta": 4, "train": {"epochs": 2, "batch_size": 256, "device": "cpu"}},
 }
 
 
@@ -40,7 +40,7 @@ def test_round_trip_reproduces_scores_exactly(tmp_path, name):
     fit, validation = syn.data.validation_split()
     inputs = syn.inputs()
     inputs.validation = validation
-    config = {**FAST[name], "device": "cpu"}
+    config = FAST[name]
     model = build_model(name, config)
     history = model.fit(fit, inputs)
     path = tmp_path / name / f"{name}.pt"

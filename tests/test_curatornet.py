@@ -33,10 +33,10 @@ def syn():
     return planted_dataset(n_users=97, n_items=180, n_clusters=6, dim=24, per_user=(6, 20), seed=11)
 
 
-def _small(cls=CuratorNetConfig, **kw):
-    base = dict(epochs=4, batch_size=128, lr=3e-3, device="cpu", item_dims=(32, 32), profile_dims=(48, 32))
+def _small(cls=CuratorNetConfig, train: dict | None = None, **kw):
+    base = dict(item_dims=(32, 32), profile_dims=(48, 32))
     base.update(kw)
-    return cls(**base)
+    return cls(train={"epochs": 4, "batch_size": 128, "lr": 3e-3, "device": "cpu", **(train or {})}, **base)
 
 
 def _batch(holdout, rows=None):
@@ -165,7 +165,7 @@ def test_precomputed_guided_triples_are_used(syn):
     )
     inputs = syn.inputs()
     inputs.extra["triples_guided"] = triples.to_arrays()
-    model = CuratorNet(_small(epochs=1))
+    model = CuratorNet(_small(train={"epochs": 1}))
     history = model.fit(fit, inputs)
     assert history.notes["sampler"]["total"] == len(triples)
 
@@ -222,7 +222,7 @@ def test_tower_input_is_standardised_so_a_large_common_component_does_not_satura
     inputs.features = syn.features * 40.0 + 500.0
     fit, validation = syn.data.validation_split()
     inputs.validation = validation
-    model = CuratorNet(_small(epochs=3, sampler="random"))
+    model = CuratorNet(_small(train={"epochs": 3}, sampler="random"))
     history = model.fit(fit, inputs)
     f = model.module.features
     assert torch.allclose(f.mean(0), torch.zeros(f.shape[1]), atol=1e-4)

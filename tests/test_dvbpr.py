@@ -39,12 +39,8 @@ class ImageSource:
         return self.table[idx]
 
 
-def _config(**kw):
+def _config(train: dict | None = None, **kw):
     base = dict(
-        epochs=6,
-        batch_size=512,
-        lr=1e-2,
-        weight_decay=1e-5,
         reg=1e-4,
         k=8,
         gamma_dim=4,
@@ -53,11 +49,11 @@ def _config(**kw):
         fc_dim=32,
         lrn=False,
         dropout=0.0,
-        device="cpu",
         cache_batch_size=64,
     )
     base.update(kw)
-    return DVBPRConfig(**base)
+    train = {"epochs": 6, "batch_size": 512, "lr": 1e-2, "weight_decay": 1e-5, "device": "cpu", **(train or {})}
+    return DVBPRConfig(train=train, **base)
 
 
 def _batch(holdout, rows=None):
@@ -79,8 +75,9 @@ def test_registered_with_its_needs_and_presets():
     assert MODEL_SPECS["dvbpr"].needs == frozenset({"images", "triples_random"})
     paper = build_model("dvbpr").config
     assert (paper.architecture, paper.input_size, paper.k, paper.lrn, paper.fc_dim) == ("cnnf", 224, 50, True, 4096)
-    demo = DVBPRConfig.demo(epochs=2)
-    assert demo.input_size == 64 and demo.epochs == 2 and demo.architecture == "cnnf"
+    demo = DVBPRConfig.demo(train={"epochs": 2})
+    assert demo.input_size == 64 and demo.train.epochs == 2 and demo.architecture == "cnnf"
+    assert (demo.train.batch_size, demo.train.lr) == (4096, 1e-2)  # the preset's, not the paper's defaults
     with pytest.raises(ValueError, match="architecture"):
         DVBPRConfig(architecture="vgg")
 
@@ -141,10 +138,10 @@ def test_training_lowers_the_loss_and_learns_from_the_images(syn, trained):
 
 def test_images_decoded_per_batch_train_the_same_model(syn):
     fit, _ = syn.data.validation_split()
-    cfg = _config(epochs=1)
+    cfg = _config({"epochs": 1})
     preloaded = DVBPR(cfg)
     preloaded.fit(fit, FitInputs(images=ImageSource(syn.clusters)))
-    on_demand = DVBPR(_config(epochs=1, image_cache_mb=0))
+    on_demand = DVBPR(_config({"epochs": 1}, image_cache_mb=0))
     history = on_demand.fit(fit, FitInputs(images=ImageSource(syn.clusters)))
     assert history.notes["images"]["in_memory"] is False
     assert torch.allclose(on_demand.item_cache(), preloaded.item_cache(), atol=1e-5)
@@ -182,7 +179,7 @@ def test_bad_images_are_reported(syn):
 def test_trains_on_cuda_with_mixed_precision(syn):
     fit, validation = syn.data.validation_split()
     images = ImageSource(syn.clusters)
-    model = DVBPR(_config(device="cuda", epochs=3))
+    model = DVBPR(_config({"device": "cuda", "epochs": 3}))
     history = model.fit(fit, FitInputs(images=images, validation=validation))
     assert history.notes["amp"] in ("bfloat16", "float16")
     assert history.loss[-1] < history.loss[0]

@@ -141,7 +141,7 @@ def _falls(loss: list[float]) -> bool:
 
 def test_dvbpr_loss_decreases_on_demo_data(world):
     # the demo preset at a smaller lr: its 1e-2 suits the demo's 1,500 items, not 4 batches an epoch
-    model = DVBPR(DVBPRConfig.demo(epochs=4, batch_size=512, lr=3e-3, input_size=IMAGE_SIZE, device="cpu"))
+    model = DVBPR(DVBPRConfig.demo(train={"epochs": 4, "batch_size": 512, "lr": 3e-3, "device": "cpu"}, input_size=IMAGE_SIZE))
     history, _ = _fit(model, world, world.inputs(validation=False))
     assert len(history.loss) == 4 and _falls(history.loss), history.loss
 
@@ -153,7 +153,7 @@ def test_curatornet_with_guided_triples_loss_decreases_on_demo_data(world, basel
     )
     inputs = world.inputs(validation=False)
     inputs.extra["triples_guided"] = triples
-    model = CuratorNet(CuratorNetConfig(epochs=4, batch_size=512, device="cpu"))
+    model = CuratorNet(CuratorNetConfig(train={"epochs": 4, "batch_size": 512, "device": "cpu"}))
     history, _ = _fit(model, world, inputs)
     assert len(history.loss) == 4 and _falls(history.loss), history.loss
     assert history.notes["sampler"]["total"] == len(triples)
@@ -161,7 +161,7 @@ def test_curatornet_with_guided_triples_loss_decreases_on_demo_data(world, basel
 
 
 def test_acf_loss_decreases_on_demo_data(world):
-    model = ACF(ACFConfig(epochs=4, batch_size=1024, dim=32, attention_dim=32, max_profile_len=10, device="cpu"))
+    model = ACF(ACFConfig(train={"epochs": 4, "batch_size": 1024, "device": "cpu"}, dim=32, attention_dim=32, max_profile_len=10))
     history, _ = _fit(model, world, world.inputs(validation=False))
     assert len(history.loss) == 4 and _falls(history.loss), history.loss
 
@@ -169,7 +169,7 @@ def test_acf_loss_decreases_on_demo_data(world):
 def test_visrank_and_vbpr_beat_random_widely_and_vbpr_beats_most_popular(world, baselines):
     visrank = VisRank(VisRankConfig(device="cpu"))
     visrank.fit(world.data, world.inputs(validation=False))
-    vbpr = VBPR(VBPRConfig(epochs=15, device="cpu"))
+    vbpr = VBPR(VBPRConfig(train={"epochs": 15, "device": "cpu"}))
     _fit(vbpr, world)
     auc_visrank, auc_vbpr = _auc(visrank, world), _auc(vbpr, world)
     summary = {"visrank": auc_visrank, "vbpr": auc_vbpr, **baselines}

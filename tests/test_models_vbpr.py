@@ -9,7 +9,7 @@ import torch
 from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.evaluate import evaluate
 from visrec_pipeline.recsys.models.bpr_mf import BPRMF, BPRMFConfig
-from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig, VBPRModule, scale_features
+from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig, VBPRModule, scale_to_unit_norm
 from visrec_pipeline.recsys.synthetic import planted_dataset
 
 
@@ -23,10 +23,10 @@ def planted():
     return planted_dataset(200, 300, seed=0)
 
 
-def fast_config(**kw) -> VBPRConfig:
-    base = dict(dim_gamma=16, dim_theta=16, epochs=12, batch_size=512, lr=1e-2, patience=50, device="cpu")
-    base.update(kw)
-    return VBPRConfig(**base)
+def fast_config(**train) -> VBPRConfig:
+    """Small dimensions; ``train`` overrides the training settings."""
+    base = dict(epochs=12, batch_size=512, lr=1e-2, patience=50, device="cpu")
+    return VBPRConfig(train={**base, **train}, dim_gamma=16, dim_theta=16)
 
 
 def test_loss_decreases_and_validation_auc_improves(planted):
@@ -54,7 +54,7 @@ def test_visual_terms_help_on_cold_items():
     inputs = syn.inputs()
     vbpr = VBPR(fast_config(epochs=15))
     vbpr.fit(syn.data, inputs)
-    bpr = BPRMF(BPRMFConfig(factors=16, epochs=15, batch_size=512, lr=1e-2, device="cpu"))
+    bpr = BPRMF(BPRMFConfig(factors=16, train={"epochs": 15, "batch_size": 512, "lr": 1e-2, "device": "cpu"}))
     bpr.fit(syn.data, inputs)
     seen = np.zeros(syn.data.n_items, bool)
     seen[syn.data.train.indices] = True
@@ -113,21 +113,21 @@ def test_feature_scaling_and_missing_features(planted):
     f = torch.as_tensor(planted.features)
     mask = torch.ones(f.shape[0], dtype=torch.bool)
     mask[3] = False
-    l2 = scale_features(f, mask, "l2")
+    l2 = scale_to_unit_norm(f, mask, "l2")
     assert torch.allclose(l2[mask].norm(dim=1), torch.ones(int(mask.sum())), atol=1e-5)
     assert torch.count_nonzero(l2[3]) == 0
-    std = scale_features(f, mask, "standard")
+    std = scale_to_unit_norm(f, mask, "standard")
     assert torch.allclose(std[mask].mean(0), torch.zeros(f.shape[1]), atol=1e-4)
-    assert torch.equal(scale_features(f, mask, "none"), f)
+    assert torch.equal(scale_to_unit_norm(f, mask, "none"), f)
     with pytest.raises(ValueError, match="feature_scale"):
-        scale_features(f, mask, "minmax")
+        scale_to_unit_norm(f, mask, "minmax")
     with pytest.raises(ValueError, match="features"):
         VBPR(fast_config()).fit(planted.data, FitInputs())
 
 
 def test_bpr_mf_learns_and_scores_unknown_users_by_item_bias(planted):
     fit, validation = planted.data.validation_split()
-    model = BPRMF(BPRMFConfig(factors=16, epochs=10, batch_size=512, lr=1e-2, device="cpu"))
+    model = BPRMF(BPRMFConfig(factors=16, train={"epochs": 10, "batch_size": 512, "lr": 1e-2, "device": "cpu"}))
     hist = model.fit(fit, FitInputs(validation=validation))
     assert hist.loss[-1] < hist.loss[0] and max(hist.val_auc) > hist.val_auc[0]
     auc = evaluate(model.score, planted.data.holdout, planted.data.n_items, ks=()).means["auc"]

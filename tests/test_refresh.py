@@ -40,8 +40,8 @@ RUN_CONFIG = {
         "embeddings_resnet50": EMBEDDING_CONFIG,
         "embeddings_alexnet": EMBEDDING_CONFIG,
         "visual_clusters": {"config": {"k": 4, "preview_clusters": 0}},
-        "model_vbpr": {"config": {"epochs": 2, "dim_gamma": 8, "dim_theta": 8}},
-        "model_curatornet": {"config": {"epochs": 1}},
+        "model_vbpr": {"config": {"train": {"epochs": 2}, "dim_gamma": 8, "dim_theta": 8}},
+        "model_curatornet": {"config": {"train": {"epochs": 1}}},
         "benchmark_report": {"config": {"grid_users": 0, "attention_users": 0}},
     }
 }

@@ -31,7 +31,7 @@ def acf():
     syn = planted_dataset(n_users=40, n_items=80, n_clusters=4, dim=CHANNELS, per_user=(5, 12), seed=3)
     rng = np.random.default_rng(0)
     spatial = (syn.features[:, None, :] * rng.uniform(0.2, 1.0, (1, GRID * GRID, 1))).astype(np.float16)
-    model = ACF(ACFConfig(epochs=2, batch_size=256, dim=8, attention_dim=8, max_profile_len=6, device="cpu"))
+    model = ACF(ACFConfig(train={"epochs": 2, "batch_size": 256, "device": "cpu"}, dim=8, attention_dim=8, max_profile_len=6))
     model.fit(syn.data, FitInputs(spatial=spatial))
     yield model, syn
     torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from visrec_pipeline.recsys.base import resolve_device
+from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.recsys.data import CSR, Holdout
 from visrec_pipeline.recsys.evaluate import evaluate
 from visrec_pipeline.recsys.models.baselines import MostPopular

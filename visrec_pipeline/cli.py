@@ -9,6 +9,7 @@ benchmark table and where every output lives.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -38,8 +39,8 @@ def demo_run_config(on_gpu: bool) -> dict:
         return {}
     from visrec_pipeline.recsys.models.dvbpr import DEMO_OVERRIDES
 
-    caps = {"model_dvbpr": dict(DEMO_OVERRIDES), "model_vbpr": {"epochs": 15}, "model_bpr_mf": {"epochs": 20},
-            "model_acf": {"epochs": 8}, "model_curatornet": {"epochs": 6}, "model_curatornet_random": {"epochs": 6}}
+    epochs = {"model_vbpr": 15, "model_bpr_mf": 20, "model_acf": 8, "model_curatornet": 6, "model_curatornet_random": 6}
+    caps = {"model_dvbpr": copy.deepcopy(DEMO_OVERRIDES), **{op: {"train": {"epochs": n}} for op, n in epochs.items()}}
     return {"ops": {op: {"config": cfg} for op, cfg in caps.items()}}
 
 

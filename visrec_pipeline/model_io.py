@@ -16,11 +16,10 @@ import pandas as pd
 import torch
 
 from visrec_pipeline import db
+from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.data import IndexMap, RecData
-
-FEATURE_BACKBONE = "resnet50"
 
 
 def load_rec_data(conn: duckdb.DuckDBPyConnection) -> RecData:

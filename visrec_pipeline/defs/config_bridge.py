@@ -2,7 +2,9 @@
 
 The dataclass stays the single source of truth (defaults, validation); the UI
 launchpad gets a typed, documented config with the same fields. Nested
-dataclasses become nested ``Config`` classes; tuples become lists.
+dataclasses become nested ``Config`` classes whose defaults are the owner's
+(e.g. each model's ``train`` section has that model's training defaults, so a
+run config may set ``train.epochs`` alone); tuples become lists.
 """
 
 from __future__ import annotations
@@ -14,44 +16,49 @@ import dagster as dg
 import pydantic
 
 
-def _config_type(annotation):
+def _dataclass_default(field: dataclasses.Field):
+    """The field's default value, or ``...`` (required) when it has none."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return ...
+
+
+def _config_field(annotation, value, nested_name: str):
+    """``(type, default)`` of one Config field for a dataclass field of type ``annotation``."""
     if dataclasses.is_dataclass(annotation):
-        return config_class_for(annotation)
+        if value is ...:
+            return config_class_for(annotation), ...
+        nested = config_class_for(annotation, nested_name, defaults=value)
+        return nested, nested()
     if typing.get_origin(annotation) is tuple:
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return list[args[0]] if args else list
-    return annotation
-
-
-def _default(field: dataclasses.Field):
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = field.default_factory()  # type: ignore[misc]
-    else:
-        return ...
-    if dataclasses.is_dataclass(value):
-        return config_class_for(type(value))(**_plain(dataclasses.asdict(value)))
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _plain(values: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        annotation = list[args[0]] if args else list
+    return annotation, list(value) if isinstance(value, tuple) else value
 
 
 _CACHE: dict[type, type[dg.Config]] = {}
 
 
-def config_class_for(dc: type, name: str | None = None) -> type[dg.Config]:
-    """A ``dg.Config`` subclass with the dataclass's fields and defaults."""
-    if dc in _CACHE and name is None:
+def config_class_for(dc: type, name: str | None = None, *, defaults: object | None = None) -> type[dg.Config]:
+    """A ``dg.Config`` subclass with the dataclass's fields; their defaults are the dataclass's, or the
+    values of ``defaults`` (an instance of ``dc``) when given."""
+    plain = name is None and defaults is None
+    if plain and dc in _CACHE:
         return _CACHE[dc]
+    name = name or f"{dc.__name__}Dagster"
     hints = typing.get_type_hints(dc)
-    fields = {f.name: (_config_type(hints[f.name]), _default(f)) for f in dataclasses.fields(dc)}
-    cls = pydantic.create_model(name or f"{dc.__name__}Dagster", __base__=dg.Config, __doc__=dc.__doc__, **fields)  # type: ignore[call-overload]
-    if name is None:
+    fields = {
+        f.name: _config_field(
+            hints[f.name],
+            getattr(defaults, f.name) if defaults is not None else _dataclass_default(f),
+            name + f.name.title().replace("_", ""),
+        )
+        for f in dataclasses.fields(dc)
+    }
+    cls = pydantic.create_model(name, __base__=dg.Config, __doc__=dc.__doc__, **fields)  # type: ignore[call-overload]
+    if plain:
         _CACHE[dc] = cls
     return cls
 

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.embeddings import int8
 from visrec_pipeline.embeddings.backbones import BackboneSpec
 from visrec_pipeline.embeddings.malloc import retain_freed_memory
@@ -42,6 +43,7 @@ from visrec_pipeline.embeddings.weights import WeightsChoice, build_model
 log = logging.getLogger(__name__)
 
 FP16_MAX = float(np.finfo(np.float16).max)
+EXTRACTION_DEVICES = ("auto", "cpu", "cuda")
 
 Sink = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], None]
 Progress = Callable[[int, int, float], None]
@@ -82,16 +84,6 @@ def load_backbone(
     if choice.warning:
         log.warning(choice.warning)
     return LoadedBackbone(spec, model, spec.transforms(), choice, single_use=single_use)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto|cpu|cuda, got {device!r}")
-    return torch.device(device)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -399,7 +391,7 @@ def extract_features(
     first ``int8_calibration_images`` images of this run); None calibrates on this run only."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, allowed=EXTRACTION_DEVICES)
     amp = resolve_precision(precision, dev)
     auto_workers = num_workers is None or num_workers < 0
     small = len(paths) <= small_job and amp != torch.int8

@@ -20,15 +20,6 @@ import torch
 from visrec_pipeline.recsys.data import Holdout, RecData
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but no CUDA device is available")
-    return torch.device(device)
-
-
 @dataclass
 class ScoreBatch:
     """A batch of users to score. Unknown users have ``user_idx == -1``."""

@@ -380,154 +380,165 @@ class _Similarity:
         return product.values().numpy()[inverse.reshape(-1)]
 
 
-def build_guided_triples(
-    train: CSR,
-    train_ts: np.ndarray,
-    features: np.ndarray,
-    *,
-    creators: np.ndarray | None = None,
-    clusters: np.ndarray | None = None,
-    feature_mask: np.ndarray | None = None,
-    config: GuidedSamplerConfig | None = None,
-) -> GuidedTriples:
-    """Sample CuratorNet's guideline triples from the training interactions.
+class _Catalogue:
+    """What the guidelines read about items: unit feature vectors, artist and cluster ids, each artist's items."""
 
-    ``train``: users x items CSR; ``train_ts``: timestamps aligned with ``train.indices``;
-    ``features``: ``[n_items, d]`` pooled visual features; ``creators``/``clusters``:
-    int64 ``[n_items]`` with -1 for unknown. Deterministic for a given ``config.seed``.
-    """
-    cfg = config or GuidedSamplerConfig()
-    n_items = train.n_cols
-    features = np.asarray(features)
-    if features.ndim != 2 or features.shape[0] != n_items:
-        raise ValueError(f"features must be [n_items={n_items}, d], got shape {features.shape}")
-    train_ts = np.asarray(train_ts, np.int64)
-    if train_ts.shape != (train.nnz,):
-        raise ValueError(f"train_ts must align with the training CSR ({train.nnz} entries), got {train_ts.shape}")
-    for name, arr in (("creators", creators), ("clusters", clusters), ("feature_mask", feature_mask)):
-        if arr is not None and np.asarray(arr).shape != (n_items,):
-            raise ValueError(f"{name} must have shape ({n_items},), got {np.asarray(arr).shape}")
-    usable = np.ones(n_items, bool) if feature_mask is None else np.asarray(feature_mask, bool)
-    bad = np.flatnonzero(usable & ~np.isfinite(features).all(1))
-    if bad.size:
-        raise ValueError(f"non-finite feature values for item indices {bad[:5].tolist()} (first 5)")
-    rng = np.random.default_rng(cfg.seed)
-    fhat = torch.from_numpy(normalized_features(features, feature_mask, center=cfg.center_features))
-    artist = artist_ids(n_items, creators, clusters)
-    cluster = np.full(n_items, -1, np.int64) if clusters is None else np.asarray(clusters, np.int64)
-    n_artists = int(artist.max()) + 1 if n_items else 0
-    artist_items = CSR.from_pairs(artist, np.arange(n_items, dtype=np.int64), n_artists, n_items)
+    def __init__(self, n_items: int, features: np.ndarray, feature_mask, creators, clusters, center: bool):
+        self.fhat = torch.from_numpy(normalized_features(features, feature_mask, center=center))
+        self.artist = artist_ids(n_items, creators, clusters)
+        self.cluster = np.full(n_items, -1, np.int64) if clusters is None else np.asarray(clusters, np.int64)
+        self.n_artists = int(self.artist.max()) + 1 if n_items else 0
+        self.artist_items = CSR.from_pairs(self.artist, np.arange(n_items, dtype=np.int64), self.n_artists, n_items)
 
-    lengths = train.lengths()
-    starts = train.indptr[:-1]
-    # each user's items in time order (ties by item index), same row layout as `train`
-    t_order = np.lexsort((train.indices, train_ts, train.row_ids()))
-    t_items = train.indices[t_order]
-    member_keys = train.row_ids() * n_items + train.indices  # sorted: CSR rows, sorted columns
 
-    def in_profile(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users * n_items + items
-        if member_keys.size == 0:
+class _UserItems:
+    """Each user's training items as the guidelines read them: counts, row starts, time order, membership,
+    and the sum of their unit feature vectors."""
+
+    def __init__(self, train: CSR, train_ts: np.ndarray, fhat: torch.Tensor):
+        self.train = train
+        self.n_items = train.n_cols
+        self.lengths = train.lengths()
+        self.starts = train.indptr[:-1]
+        # each user's items in time order (ties by item index), same row layout as `train`
+        t_order = np.lexsort((train.indices, train_ts, train.row_ids()))
+        self.t_items = train.indices[t_order]
+        self.member_keys = train.row_ids() * self.n_items + train.indices  # sorted: CSR rows, sorted columns
+        self.feature_sums = _row_sums(train.indptr, train.indices, fhat)  # [n_users, d]
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Is ``items[k]`` in the training profile of ``users[k]``?"""
+        keys = users * self.n_items + items
+        if self.member_keys.size == 0:
             return np.zeros(keys.shape, bool)
-        at = np.minimum(np.searchsorted(member_keys, keys), member_keys.size - 1)
-        return member_keys[at] == keys
+        at = np.minimum(np.searchsorted(self.member_keys, keys), self.member_keys.size - 1)
+        return self.member_keys[at] == keys
 
-    table = _ProfileTable()
-    user_sums = _row_sums(train.indptr, train.indices, fhat)  # [n_users, d]
-    q_prof, q_user, q_pos, q_guide = [], [], [], []
 
-    def add_queries(prof, user, pos, g):
-        q_prof.append(np.asarray(prof, np.int64))
-        q_user.append(np.asarray(user, np.int64))
-        q_pos.append(np.asarray(pos, np.int64))
-        q_guide.append(np.full(np.asarray(pos).size, g, np.int8))
+class _Queries:
+    """(profile, user, positive, guideline) proposals, collected guideline by guideline."""
 
-    multi = np.flatnonzero(lengths >= 2)  # users who can lose an item and keep a profile
+    def __init__(self):
+        self.prof: list[np.ndarray] = []
+        self.user: list[np.ndarray] = []
+        self.pos: list[np.ndarray] = []
+        self.guide: list[np.ndarray] = []
 
-    # G1: remove an item, predict it; profile = P \ {i}
-    s, o = _sample_within_segments(lengths[multi], cfg.holdouts_per_user, rng)
+    def add(self, prof, user, pos, g: int) -> None:
+        self.prof.append(np.asarray(prof, np.int64))
+        self.user.append(np.asarray(user, np.int64))
+        self.pos.append(np.asarray(pos, np.int64))
+        self.guide.append(np.full(np.asarray(pos).size, g, np.int8))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        prof, user, pos, guide = (np.concatenate(x) for x in (self.prof, self.user, self.pos, self.guide))
+        return prof, user, pos, guide
+
+
+# Each guideline below adds the profiles it needs to the table and returns its queries
+# ``(profile ids, users, positives)``. They draw from one generator, in the builder's order.
+
+
+def _hold_out(users: _UserItems, fhat: torch.Tensor, table: _ProfileTable, multi: np.ndarray, k: int, rng):
+    """G1: remove an item, predict it; profile = P \\ {i}."""
+    train = users.train
+    s, o = _sample_within_segments(users.lengths[multi], k, rng)
     u1 = multi[s]
-    i1 = train.indices[starts[u1] + o]
+    i1 = train.indices[users.starts[u1] + o]
     sub = train.take_rows(u1)
     seg = sub.row_ids()
     keep = sub.indices != i1[seg]
-    add_queries(table.add(sub.lengths() - 1, sub.indices[keep], user_sums[u1] - fhat[i1]), u1, i1, 1)
+    return table.add(sub.lengths() - 1, sub.indices[keep], users.feature_sums[u1] - fhat[i1]), u1, i1
 
-    # G2: predict the next item in time from the prefix before it
-    s, o = _sample_within_segments(lengths[multi] - 1, cfg.prefixes_per_user, rng)
+
+def _next_in_time(users: _UserItems, fhat: torch.Tensor, table: _ProfileTable, multi: np.ndarray, k: int, rng):
+    """G2: predict the next item in time from the prefix before it."""
+    s, o = _sample_within_segments(users.lengths[multi] - 1, k, rng)
     u2 = multi[s]
     cut = o + 1  # prefix length, 1 .. |P|-1
     seg2, off2 = _segments(cut)
-    prefix_items = t_items[starts[u2][seg2] + off2]
-    add_queries(table.add(cut, prefix_items, _prefix_sums(u2, cut, t_items, starts, fhat)), u2, t_items[starts[u2] + cut], 2)
+    prefix_items = users.t_items[users.starts[u2][seg2] + off2]
+    sums = _prefix_sums(u2, cut, users.t_items, users.starts, fhat)
+    return table.add(cut, prefix_items, sums), u2, users.t_items[users.starts[u2] + cut]
 
-    # full profiles (G3, G4): one per user with at least one item
-    has = np.flatnonzero(lengths >= 1)
-    full_id = np.full(train.n_rows, -1, np.int64)
-    full_id[has] = table.add(lengths[has], train.take_rows(has).indices, user_sums[has])
 
-    # G5/G6: artificial one-item profiles {p}
-    s, o = _sample_within_segments(lengths[multi], cfg.single_profiles_per_user, rng)
+def _full_profiles(users: _UserItems, table: _ProfileTable, has: np.ndarray) -> np.ndarray:
+    """The profile id of each user's whole profile (G3, G4), -1 for users without items."""
+    full_id = np.full(users.train.n_rows, -1, np.int64)
+    full_id[has] = table.add(users.lengths[has], users.train.take_rows(has).indices, users.feature_sums[has])
+    return full_id
+
+
+def _single_item_profiles(users: _UserItems, fhat: torch.Tensor, table: _ProfileTable, multi: np.ndarray, k: int, rng):
+    """G5/G6's artificial one-item profiles ``{p}``: ``(users, items p, profile ids)``."""
+    s, o = _sample_within_segments(users.lengths[multi], k, rng)
     u56 = multi[s]
-    p56 = train.indices[starts[u56] + o]
-    single_id = table.add(np.ones(p56.size, np.int64), p56, fhat[p56])
+    p56 = users.train.indices[users.starts[u56] + o]
+    return u56, p56, table.add(np.ones(p56.size, np.int64), p56, fhat[p56])
 
-    profiles = table.csr(n_items)
-    sim = _Similarity(profiles, table.feature_sums(fhat.shape[1]), fhat, artist, cfg.alpha)
 
-    # G3: items (outside the profile) of the user's favourite artists, most similar to the profile
-    if cfg.favourite_artists and cfg.similar_per_user and has.size:
-        ua_keys = train.row_ids() * n_artists + artist[train.indices]
-        keys, counts = np.unique(ua_keys, return_counts=True)
-        ku, ka = keys // n_artists, keys % n_artists
-        fav = _top_within_groups(ku, counts.astype(np.float64), ka, cfg.favourite_artists)
-        fu, fa = ku[fav], ka[fav]
-        cand = artist_items.take_rows(fa)
-        cu = fu[cand.row_ids()]
-        cx = cand.indices
-        ok = ~in_profile(cu, cx)
-        cu, cx = cu[ok], cx[ok]
-        score = sim(full_id[cu], cx)
-        best = _top_within_groups(cu, score.astype(np.float64), cx, cfg.similar_per_user)
-        add_queries(full_id[cu[best]], cu[best], cx[best], 3)
+def _favourite_artists(users: _UserItems, catalogue: _Catalogue, sim: _Similarity, full_id: np.ndarray, cfg):
+    """G3: items (outside the profile) of the user's favourite artists, most similar to the profile."""
+    train, n_artists, artist = users.train, catalogue.n_artists, catalogue.artist
+    ua_keys = train.row_ids() * n_artists + artist[train.indices]
+    keys, counts = np.unique(ua_keys, return_counts=True)
+    ku, ka = keys // n_artists, keys % n_artists
+    fav = _top_within_groups(ku, counts.astype(np.float64), ka, cfg.favourite_artists)
+    fu, fa = ku[fav], ka[fav]
+    cand = catalogue.artist_items.take_rows(fa)
+    cu = fu[cand.row_ids()]
+    cx = cand.indices
+    ok = ~users.contains(cu, cx)
+    cu, cx = cu[ok], cx[ok]
+    score = sim(full_id[cu], cx)
+    best = _top_within_groups(cu, score.astype(np.float64), cx, cfg.similar_per_user)
+    return full_id[cu[best]], cu[best], cx[best]
 
-    # G4: items of the profile itself, given the whole profile
-    s, o = _sample_within_segments(lengths[has], cfg.profile_items_per_user, rng)
+
+def _profile_items(users: _UserItems, full_id: np.ndarray, has: np.ndarray, k: int, rng):
+    """G4: items of the profile itself, given the whole profile."""
+    s, o = _sample_within_segments(users.lengths[has], k, rng)
     u4 = has[s]
-    add_queries(full_id[u4], u4, train.indices[starts[u4] + o], 4)
+    return full_id[u4], u4, users.train.indices[users.starts[u4] + o]
 
-    # G5: given {p}, predict the user's other profile items
-    sub = train.take_rows(u56)
+
+def _single_item_profile(users: _UserItems, u56: np.ndarray, p56: np.ndarray, single_id: np.ndarray, k: int, rng):
+    """G5: given ``{p}``, predict the user's other profile items."""
+    sub = users.train.take_rows(u56)
     seg = sub.row_ids()
     keep = sub.indices != p56[seg]
-    others = CSR(np.concatenate([[0], np.cumsum(sub.lengths() - 1)]).astype(np.int64), sub.indices[keep], n_items)
-    s, o = _sample_within_segments(others.lengths(), cfg.positives_per_single, rng)
-    add_queries(single_id[s], u56[s], others.indices[others.indptr[s] + o], 5)
+    indptr = np.concatenate([[0], np.cumsum(sub.lengths() - 1)]).astype(np.int64)
+    others = CSR(indptr, sub.indices[keep], users.n_items)
+    s, o = _sample_within_segments(others.lengths(), k, rng)
+    return single_id[s], u56[s], others.indices[others.indptr[s] + o]
 
-    # G6: given {p}, predict visually similar items of p's artist
-    if cfg.positives_per_single and p56.size:
-        cand = artist_items.take_rows(artist[p56])
-        cs = cand.row_ids()
-        cx = cand.indices
-        ok = cx != p56[cs]
-        cs, cx = cs[ok], cx[ok]
-        score = sim(single_id[cs], cx)
-        best = _top_within_groups(cs, score.astype(np.float64), cx, cfg.positives_per_single)
-        add_queries(single_id[cs[best]], u56[cs[best]], cx[best], 6)
 
-    prof = np.concatenate(q_prof)
-    user = np.concatenate(q_user)
-    pos = np.concatenate(q_pos)
-    guide = np.concatenate(q_guide)
-    proposed = np.bincount(guide.astype(np.int64), minlength=7)
+def _single_item_same_artist(
+    catalogue: _Catalogue, sim: _Similarity, u56: np.ndarray, p56: np.ndarray, single_id: np.ndarray, k: int
+):
+    """G6: given ``{p}``, predict visually similar items of p's artist."""
+    cand = catalogue.artist_items.take_rows(catalogue.artist[p56])
+    cs = cand.row_ids()
+    cx = cand.indices
+    ok = cx != p56[cs]
+    cs, cx = cs[ok], cx[ok]
+    score = sim(single_id[cs], cx)
+    best = _top_within_groups(cs, score.astype(np.float64), cx, k)
+    return single_id[cs[best]], u56[cs[best]], cx[best]
 
-    # negatives: outside the user's profile, another artist and another cluster than the positive
+
+def _negatives(
+    users: _UserItems, catalogue: _Catalogue, sim: _Similarity, prof, user, pos, cfg: GuidedSamplerConfig, rng
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``negatives_per_positive`` negatives per query: outside the user's profile, of another artist
+    and another cluster than the positive, and passing the margin. Returns ``(query index, negative)``."""
+    artist, cluster = catalogue.artist, catalogue.cluster
     n_neg = cfg.negatives_per_positive
     q = pos.size
-    cand = rng.integers(0, max(n_items, 1), size=(q, n_neg * cfg.oversample), dtype=np.int64)
+    cand = rng.integers(0, max(users.n_items, 1), size=(q, n_neg * cfg.oversample), dtype=np.int64)
     pos_b = pos[:, None]
     cheap = (
-        ~in_profile(np.broadcast_to(user[:, None], cand.shape), cand)
+        ~users.contains(np.broadcast_to(user[:, None], cand.shape), cand)
         & (cand != pos_b)
         & (artist[cand] != artist[pos_b])
         & ~((cluster[cand] == cluster[pos_b]) & (cluster[pos_b] >= 0))
@@ -554,14 +565,18 @@ def build_guided_triples(
     grp_start = np.maximum.accumulate(np.where(first, np.arange(rq.size), 0))
     take = (np.arange(rq.size) - grp_start) < n_neg
     rq, rc = rq[take], rc[take]
-    t_prof, t_user, t_pos, t_neg, t_g = prof[rq], user[rq], pos[rq], cand[rq, rc], guide[rq]
-    after_margin = np.bincount(t_g.astype(np.int64), minlength=7)
+    return rq, cand[rq, rc]
 
-    # canonical profiles by content, then drop duplicate triples (first guideline wins)
+
+def _drop_duplicates(
+    profiles: CSR, t_prof: np.ndarray, t_pos: np.ndarray, t_neg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonical profiles by content, then the first of each set of duplicate triples (same profile
+    content, positive, negative). Returns ``(canonical profile rows, canonical id per triple, kept triples)``."""
     used = np.unique(t_prof)
     used_csr = profiles.take_rows(used)
     p_hash = _profile_set_hash(used_csr)
-    uniq_hash, first_idx, inv = np.unique(p_hash, return_index=True, return_inverse=True)
+    _, first_idx, inv = np.unique(p_hash, return_index=True, return_inverse=True)
     canon_of_used = inv.reshape(-1)
     # canonical id = order of the first profile with that content
     order = np.argsort(first_idx, kind="stable")
@@ -572,10 +587,78 @@ def build_guided_triples(
     t_canon = canon_of_used[np.searchsorted(used, t_prof)]
     t_hash = _hash_combine(_hash_combine(p_hash[first_idx[order]][t_canon], t_pos), t_neg)
     _, keep_idx = np.unique(t_hash, return_index=True)
-    keep_idx = np.sort(keep_idx)
-    final_profiles = profiles.take_rows(canon_rows)
+    return canon_rows, t_canon, np.sort(keep_idx)
+
+
+def _check_inputs(train: CSR, train_ts, features, creators, clusters, feature_mask) -> None:
+    n_items = train.n_cols
+    if features.ndim != 2 or features.shape[0] != n_items:
+        raise ValueError(f"features must be [n_items={n_items}, d], got shape {features.shape}")
+    if train_ts.shape != (train.nnz,):
+        raise ValueError(f"train_ts must align with the training CSR ({train.nnz} entries), got {train_ts.shape}")
+    for name, arr in (("creators", creators), ("clusters", clusters), ("feature_mask", feature_mask)):
+        if arr is not None and np.asarray(arr).shape != (n_items,):
+            raise ValueError(f"{name} must have shape ({n_items},), got {np.asarray(arr).shape}")
+    usable = np.ones(n_items, bool) if feature_mask is None else np.asarray(feature_mask, bool)
+    bad = np.flatnonzero(usable & ~np.isfinite(features).all(1))
+    if bad.size:
+        raise ValueError(f"non-finite feature values for item indices {bad[:5].tolist()} (first 5)")
+
+
+def build_guided_triples(
+    train: CSR,
+    train_ts: np.ndarray,
+    features: np.ndarray,
+    *,
+    creators: np.ndarray | None = None,
+    clusters: np.ndarray | None = None,
+    feature_mask: np.ndarray | None = None,
+    config: GuidedSamplerConfig | None = None,
+) -> GuidedTriples:
+    """Sample CuratorNet's guideline triples from the training users.
+
+    ``train``: users x items CSR; ``train_ts``: timestamps aligned with ``train.indices``;
+    ``features``: ``[n_items, d]`` pooled visual features; ``creators``/``clusters``:
+    int64 ``[n_items]`` with -1 for unknown. Deterministic for a given ``config.seed``.
+    """
+    cfg = config or GuidedSamplerConfig()
+    features = np.asarray(features)
+    train_ts = np.asarray(train_ts, np.int64)
+    _check_inputs(train, train_ts, features, creators, clusters, feature_mask)
+    rng = np.random.default_rng(cfg.seed)
+    catalogue = _Catalogue(train.n_cols, features, feature_mask, creators, clusters, cfg.center_features)
+    users = _UserItems(train, train_ts, catalogue.fhat)
+    fhat = catalogue.fhat
+
+    # the profiles: built by the guidelines that own them, in this order (it fixes the profile ids)
+    table = _ProfileTable()
+    queries = _Queries()
+    multi = np.flatnonzero(users.lengths >= 2)  # users who can lose an item and keep a profile
+    queries.add(*_hold_out(users, fhat, table, multi, cfg.holdouts_per_user, rng), 1)
+    queries.add(*_next_in_time(users, fhat, table, multi, cfg.prefixes_per_user, rng), 2)
+    has = np.flatnonzero(users.lengths >= 1)
+    full_id = _full_profiles(users, table, has)
+    u56, p56, single_id = _single_item_profiles(users, fhat, table, multi, cfg.single_profiles_per_user, rng)
+    profiles = table.csr(train.n_cols)
+    sim = _Similarity(profiles, table.feature_sums(fhat.shape[1]), fhat, catalogue.artist, cfg.alpha)
+
+    # the positives of the guidelines that reuse those profiles
+    if cfg.favourite_artists and cfg.similar_per_user and has.size:
+        queries.add(*_favourite_artists(users, catalogue, sim, full_id, cfg), 3)
+    queries.add(*_profile_items(users, full_id, has, cfg.profile_items_per_user, rng), 4)
+    queries.add(*_single_item_profile(users, u56, p56, single_id, cfg.positives_per_single, rng), 5)
+    if cfg.positives_per_single and p56.size:
+        queries.add(*_single_item_same_artist(catalogue, sim, u56, p56, single_id, cfg.positives_per_single), 6)
+
+    prof, user, pos, guide = queries.arrays()
+    proposed = np.bincount(guide.astype(np.int64), minlength=7)
+    rq, neg = _negatives(users, catalogue, sim, prof, user, pos, cfg, rng)
+    t_prof, t_user, t_pos, t_neg, t_g = prof[rq], user[rq], pos[rq], neg, guide[rq]
+    after_margin = np.bincount(t_g.astype(np.int64), minlength=7)
+
+    canon_rows, t_canon, keep_idx = _drop_duplicates(profiles, t_prof, t_pos, t_neg)
     out = GuidedTriples(
-        final_profiles,
+        profiles.take_rows(canon_rows),
         t_canon[keep_idx],
         t_pos[keep_idx],
         t_neg[keep_idx],

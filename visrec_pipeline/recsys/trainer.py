@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from visrec_pipeline.recsys.base import Recommender, TrainHistory, resolve_device
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import Recommender, TrainHistory
 from visrec_pipeline.recsys.data import Holdout
 
 _LOG = logging.getLogger("visrec.trainer")
@@ -30,6 +31,9 @@ _LOG = logging.getLogger("visrec.trainer")
 
 @dataclass
 class TrainConfig:
+    """The training loop's settings; each triple-trained model's config holds one as ``train``, with that
+    model's defaults (``seed`` also seeds its initial weights, ``device`` is where it trains and scores)."""
+
     epochs: int
     batch_size: int
     lr: float
@@ -242,53 +246,3 @@ def make_validator(model: Recommender, validation: Holdout, n_items: int, cfg: T
         return float(result.means["auc"])
 
     return validate
-
-
-# --------------------------------------------------------------------------- random-triple models
-
-
-def train_config(config, **overrides) -> TrainConfig:
-    """A ``TrainConfig`` from a model config dataclass holding the same field names."""
-    from dataclasses import fields
-
-    values = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if hasattr(config, f.name)}
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def fit_on_random_triples(
-    model: Recommender,
-    module: torch.nn.Module,
-    data,
-    inputs,
-    cfg: TrainConfig,
-    *,
-    triples_per_epoch: int | None = None,
-    refresh: Callable[[], None] | None = None,
-) -> TrainHistory:
-    """Train ``module`` (which has ``loss(batch)``) on uniform BPR triples of ``data.train``.
-
-    Validation AUC (early stopping) uses ``inputs.validation`` through ``model.score``;
-    ``refresh()`` runs before each validation so the model can rebuild its inference cache.
-    Without ``inputs.validation`` every epoch runs and the last weights are kept.
-    """
-    from visrec_pipeline.recsys.samplers import RandomTripleSampler
-
-    device = resolve_device(cfg.device)
-    sampler = RandomTripleSampler(
-        data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size, triples_per_epoch=triples_per_epoch
-    )
-    validate = None
-    if inputs is not None and inputs.validation is not None and len(inputs.validation) > 0:
-        check = make_validator(model, inputs.validation, data.n_items, cfg)
-
-        def validate() -> float:
-            if refresh is not None:
-                refresh()
-            return check()
-
-    history = fit_triples(module, sampler.epoch, cfg, validate=validate, log=model.log)
-    history.notes["sampler"] = sampler.summary()
-    if validate is None:
-        history.notes["validation"] = "none given: all epochs run, last weights kept"
-    return history

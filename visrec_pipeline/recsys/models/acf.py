@@ -30,30 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.backbone import FEATURE_BACKBONE
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import CSR, RecData
-from visrec_pipeline.recsys.samplers import RandomTripleSampler
-from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.trainer import TrainConfig
+from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
 _INT64_MAX = np.iinfo(np.int64).max
 _INT64_MIN = np.iinfo(np.int64).min
 
 
 @dataclass
-class ACFConfig:
-    epochs: int = 20
-    # large batches are nearly free: the attention is computed once per distinct user of a batch
-    batch_size: int = 4096
-    lr: float = 1e-2
-    weight_decay: float = 1e-6  # Adam L2 on every weight (attention and reduction layers)
+class ACFConfig(TripleTrainedConfig):
+    # large batches are nearly free: the attention is computed once per distinct user of a batch;
+    # train.weight_decay: Adam L2 on every weight (attention and reduction layers)
+    train: TrainConfig = train_defaults(epochs=20, batch_size=4096, lr=1e-2, weight_decay=1e-6)
     reg: float = 1e-4  # L2 on the user / item / auxiliary embeddings of each triple
-    patience: int = 3
-    eval_every: int = 1
-    val_max_users: int = 500
-    seed: int = 0
-    device: str = "auto"
-    max_batches_per_epoch: int | None = None
-    amp: str = "auto"
     dim: int = 64  # embedding size (u, v, p and the reduced regions)
     attention_dim: int = 64
     max_profile_len: int = 20  # most recent profile items attended to
@@ -68,6 +62,7 @@ class ACFConfig:
     score_batch_users: int = 256
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dim < 1 or self.attention_dim < 1 or self.max_profile_len < 1:
             raise ValueError("ACFConfig.dim, .attention_dim and .max_profile_len must be >= 1")
         if self.region_pca_dim is not None and self.region_pca_dim < 1:
@@ -198,16 +193,6 @@ class ACFModule(nn.Module):
 # --------------------------------------------------------------------------------------------- model
 
 
-class _Loss:
-    """``loss_fn`` for the trainer: the module's loss with this config's regularisation."""
-
-    def __init__(self, reg: float, mask_positive: bool):
-        self.reg, self.mask_positive = reg, mask_positive
-
-    def __call__(self, module: ACFModule, batch: dict) -> torch.Tensor:
-        return module.loss(batch, reg=self.reg, mask_positive=self.mask_positive)
-
-
 def _recent_profiles(train: CSR, ts: np.ndarray, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's ``max_len`` most recent training items (ties: higher item index is newer)."""
     order = np.lexsort((train.indices, ts, train.row_ids()))
@@ -215,13 +200,12 @@ def _recent_profiles(train: CSR, ts: np.ndarray, max_len: int) -> tuple[torch.Te
     return by_time.padded(max_len=max_len)
 
 
-class ACF(Recommender):
+class ACF(TripleTrainedModel):
     name = "acf"
     config_cls = ACFConfig
 
     def __init__(self, config: ACFConfig | None = None, **kw):
         super().__init__(config or ACFConfig(), **kw)
-        self.module: ACFModule | None = None
         self.region_cache: torch.Tensor | None = None  # reduced regions [n_items, R, d] float16
         self.pca_mean: torch.Tensor | None = None
         self.pca_basis: torch.Tensor | None = None
@@ -251,7 +235,7 @@ class ACF(Recommender):
             if candidates.size == 0:
                 raise ValueError(f"{self.name}: no item has spatial features")
             self.pca_mean, self.pca_basis = fit_region_pca(
-                spatial, candidates, cfg.region_pca_dim, n_samples=cfg.pca_sample_regions, seed=cfg.seed
+                spatial, candidates, cfg.region_pca_dim, n_samples=cfg.pca_sample_regions, seed=cfg.train.seed
             )
         table = project_regions(spatial, self.pca_mean, self.pca_basis, has)
         self.region_rms = 1.0
@@ -265,49 +249,33 @@ class ACF(Recommender):
             raise ValueError(f"{self.name}: non-finite spatial features for item indices {bad} (first 5)")
         return table
 
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
         cfg = self.config
-        device = resolve_device(cfg.device)
         table = self._region_table(inputs, data.n_items)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(cfg.seed)
-            module = ACFModule(data.n_users, data.n_items, table.shape[2], cfg.dim, cfg.attention_dim)
+        module = self.seeded(lambda: ACFModule(data.n_users, data.n_items, table.shape[2], cfg.dim, cfg.attention_dim))
         items, mask = _recent_profiles(data.train, data.train_ts, cfg.max_profile_len)
         module.regions, module.train_items, module.train_mask = table, items, mask
-        self.module = module.to(device)
-        self.region_cache = None
         keys = data.train.row_ids() * data.n_items + data.train.indices  # sorted (CSR order)
         self.ui_keys = torch.as_tensor(keys)
         self.ui_ts = torch.as_tensor(np.asarray(data.train_ts, np.int64))
-
-        tcfg = train_config(cfg)
-        sampler = RandomTripleSampler(data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size)
-        validate = None
-        if inputs.validation is not None and len(inputs.validation) > 0:
-            check = make_validator(self, inputs.validation, data.n_items, tcfg)
-
-            def validate() -> float:
-                self.region_cache = None  # the reduction layer changed since the last cache
-                return check()
-
-        history = fit_triples(
-            self.module,
-            sampler.epoch,
-            tcfg,
-            loss_fn=_Loss(cfg.reg, cfg.mask_positive_in_profile),
-            validate=validate,
-            log=self.log,
-        )
-        self.region_cache = None
-        self._cache()
-        history.notes["sampler"] = sampler.summary()
-        history.notes["region_table"] = {
-            "regions": int(table.shape[1]),
-            "channels_in": int(inputs.spatial.shape[2]),
-            "pca_dim": None if self.pca_basis is None else int(self.pca_basis.shape[1]),
-            "rms_divided_by": round(self.region_rms, 4),
+        notes = {
+            "region_table": {
+                "regions": int(table.shape[1]),
+                "channels_in": int(inputs.spatial.shape[2]),
+                "pca_dim": None if self.pca_basis is None else int(self.pca_basis.shape[1]),
+                "rms_divided_by": round(self.region_rms, 4),
+            }
         }
-        return history
+        return module, notes
+
+    def loss_options(self) -> dict:
+        return {"reg": self.config.reg, "mask_positive": self.config.mask_positive_in_profile}
+
+    def invalidate_cache(self) -> None:
+        self.region_cache = None
+
+    def build_cache(self) -> None:
+        self._cache()
 
     # ------------------------------------------------------------------ inference
     def _require(self) -> ACFModule:
@@ -423,7 +391,7 @@ class ACF(Recommender):
             raise ValueError(
                 f"{self.name}: state has dim={dim}, attention_dim={att}; config says {cfg.dim}, {cfg.attention_dim}"
             )
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.train.device)
         module = ACFModule(n_users, n_items, region_dim, dim, att)
         module.load_state_dict(weights)
         self.module = module.to(device).eval()
@@ -431,9 +399,6 @@ class ACF(Recommender):
         self.ui_keys, self.ui_ts = state["ui_keys"].long(), state["ui_ts"].long()
         self.pca_mean, self.pca_basis = state.get("pca_mean"), state.get("pca_basis")
 
-
-# registered here (imported at the end of the registry module, so no import cycle bites)
-from visrec_pipeline.recsys.registry import FEATURE_BACKBONE, ModelSpec, register  # noqa: E402
 
 register(
     ModelSpec(

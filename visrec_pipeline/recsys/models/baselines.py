@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import RecData
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic)
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
@@ -114,3 +116,16 @@ class MostPopular(Recommender):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.counts = state["counts"].float()
 
+
+register(
+    ModelSpec(
+        "random", RandomRecommender, RandomConfig, frozenset(),
+        "Random baseline: uniform scores from a fixed seed (deterministic per user).",
+    )
+)
+register(
+    ModelSpec(
+        "most_popular", MostPopular, MostPopularConfig, frozenset(),
+        "MostPopular baseline: items ranked by their number of training interactions.",
+    )
+)

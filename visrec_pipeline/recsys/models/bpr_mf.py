@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import RecData
-from visrec_pipeline.recsys.trainer import fit_on_random_triples, train_config
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.trainer import TrainConfig
+from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
 
 class FactorScores:
@@ -76,39 +79,38 @@ class BPRMFModule(nn.Module):
 
 
 @dataclass
-class BPRMFConfig:
+class BPRMFConfig(TripleTrainedConfig):
+    # epochs: an upper bound (early stopping on the validation split ends training); the same optimiser
+    # settings as VBPR, so the two differ only by the visual terms
+    train: TrainConfig = train_defaults(epochs=50, batch_size=4096, lr=3e-3)
     factors: int = 200  # the latent size of VBPR's gamma, so BPR-MF is its non-visual control
-    epochs: int = 50  # an upper bound: early stopping on the validation split ends training
-    batch_size: int = 4096
-    lr: float = 3e-3  # the same optimiser settings as VBPR, so the two differ only by the visual terms
     reg: float = 1e-4  # L2 on the embeddings of each triple (per-triple BPR regularisation)
     init_std: float = 0.01
-    patience: int = 3
-    eval_every: int = 1
-    val_max_users: int = 500
     triples_per_epoch: int = 0  # 0 = one triple per training interaction
-    seed: int = 0
-    device: str = "auto"
 
 
-class FactorScoreRecommender(Recommender):
-    """A model that scores from a :class:`FactorScores` cache its trained ``module`` builds
-    (``module.factor_scores()``); the cache is also what a checkpoint holds."""
+class FactorScoreRecommender(TripleTrainedModel):
+    """A model trained on uniform random triples that scores from a :class:`FactorScores` cache its
+    trained ``module`` builds (``module.factor_scores()``); the cache is also what a checkpoint holds."""
 
     def __init__(self, config, **kw):
         super().__init__(config, **kw)
-        self.module: nn.Module | None = None
         self.cache: FactorScores | None = None
 
-    def refresh(self) -> None:
-        """Rebuild the inference cache from the current weights."""
-        assert self.module is not None
-        self.cache = self.module.factor_scores()
+    def batch_source(self, data: RecData, inputs: FitInputs, device: torch.device):
+        return self.random_triples(data, device, self.config.triples_per_epoch or None)
+
+    def invalidate_cache(self) -> None:
+        self.cache = None
+
+    def build_cache(self) -> None:
+        if self.cache is None:
+            self.cache = self.module.factor_scores()
 
     def score(self, batch: ScoreBatch) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(f"{type(self).__name__}: call fit() or load_state_dict() before score()")
-        return self.cache.to(resolve_device(self.config.device)).score(batch.user_idx)
+        return self.cache.to(resolve_device(self.config.train.device)).score(batch.user_idx)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.cache is None:
@@ -125,18 +127,14 @@ class BPRMF(FactorScoreRecommender):
     def __init__(self, config: BPRMFConfig | None = None, **kw):
         super().__init__(config or BPRMFConfig(), **kw)
 
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
         c = self.config
-        torch.manual_seed(c.seed)  # the initial weights depend on the seed only
-        self.module = BPRMFModule(data.n_users, data.n_items, c.factors, c.reg, c.init_std)
-        history = fit_on_random_triples(
-            self,
-            self.module,
-            data,
-            inputs,
-            train_config(c),
-            triples_per_epoch=c.triples_per_epoch or None,
-            refresh=self.refresh,
-        )
-        self.refresh()
-        return history
+        return self.seeded(lambda: BPRMFModule(data.n_users, data.n_items, c.factors, c.reg, c.init_std)), {}
+
+
+register(
+    ModelSpec(
+        "bpr_mf", BPRMF, BPRMFConfig, frozenset({"triples_random"}),
+        "BPR-MF: matrix factorisation with item bias trained on uniform BPR triples; VBPR's non-visual control.",
+    )
+)

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.backbone import FEATURE_BACKBONE
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import CSR, Holdout, IndexMap, RecData
 from visrec_pipeline.recsys.guided_sampler import (
     GuidedSamplerConfig,
@@ -41,24 +43,17 @@ from visrec_pipeline.recsys.guided_sampler import (
     GuidedTriples,
     build_guided_triples,
 )
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
 from visrec_pipeline.recsys.samplers import RandomTripleSampler
-from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+from visrec_pipeline.recsys.trainer import TrainConfig
+from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
 
 @dataclass
-class CuratorNetConfig:
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 1e-5  # Adam's L2 on every weight (the paper's lambda * ||Theta||^2)
-    patience: int = 3
-    eval_every: int = 1
-    val_max_users: int = 500
-    seed: int = 0
-    device: str = "auto"
-    max_batches_per_epoch: int | None = None
-    amp: str = "auto"
+class CuratorNetConfig(TripleTrainedConfig):
+    # train.weight_decay: Adam's L2 on every weight (the paper's lambda * ||Theta||^2)
+    train: TrainConfig = train_defaults(epochs=10, batch_size=1024, lr=1e-3, weight_decay=1e-5)
     sampler: str = "guided"  # "guided" (the paper) or "random" (the ablation)
     item_dims: tuple[int, ...] = (200, 200)
     profile_dims: tuple[int, ...] = (300, 300, 200)
@@ -71,6 +66,7 @@ class CuratorNetConfig:
     score_batch_users: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.guided, dict):  # from a plain-data checkpoint / Dagster config
             self.guided = GuidedSamplerConfig(**self.guided)
         self.item_dims = tuple(int(x) for x in self.item_dims)
@@ -95,10 +91,11 @@ class CuratorNetRandomConfig(CuratorNetConfig):
     sampler: str = "random"
 
 
-def scale_features(features: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """The tower's input: ``how`` = standard | l2 | none (see :class:`CuratorNetConfig`); rows without
-    features stay zero. Raw CNN features share a large common component (ReLU outputs, mean cosine
-    near 1 for random-init ResNet-50), which would saturate the SELU tower and swamp the differences."""
+def scale_tower_input(features: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """The item tower's input: ``how`` = standard (each dimension z-scored over the items with features)
+    | l2 (unit rows) | none (raw); rows without features stay zero. Raw CNN features share a large common
+    component (ReLU outputs, mean cosine near 1 for random-init ResNet-50), which would saturate the SELU
+    tower and swamp the differences."""
     if how == "standard":
         return normalise(features, mask, center=True, l2=False, unit_variance=True)
     return normalise(features, mask, center=False, l2=how == "l2")
@@ -248,30 +245,29 @@ def _guided_from_inputs(inputs: FitInputs | None) -> GuidedTriples | None:
     )
 
 
-class CuratorNet(Recommender):
+class CuratorNet(TripleTrainedModel):
     name = "curatornet"
     config_cls = CuratorNetConfig
 
     def __init__(self, config: CuratorNetConfig | None = None, **kw):
         super().__init__(config or self.config_cls(), **kw)
-        self.module: CuratorNetModule | None = None
         self.item_cache: torch.Tensor | None = None  # h(f_i) of every item, in item-index order
         self.triples_summary: dict | None = None
 
-    # ------------------------------------------------------------------ training
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    # ------------------------------------------------------------------ training hooks
+    def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
         cfg = self.config
-        device = resolve_device(cfg.device)
         feats, mask = pooled_features(inputs, data.n_items, model=self.name)
-        tower_in = scale_features(feats, mask, cfg.feature_scale)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(cfg.seed)
-            self.module = CuratorNetModule(feats.shape[1], cfg.item_dims, cfg.profile_dims, tower_in).to(device)
-        self.item_cache = None
-        tcfg = train_config(cfg)
+        tower_in = scale_tower_input(feats, mask, cfg.feature_scale)
+        module = self.seeded(lambda: CuratorNetModule(feats.shape[1], cfg.item_dims, cfg.profile_dims, tower_in))
+        return module, {}
+
+    def batch_source(self, data: RecData, inputs: FitInputs, device: torch.device):
+        cfg = self.config
         if cfg.sampler == "guided":
             triples = _guided_from_inputs(inputs)
-            if triples is None:
+            if triples is None:  # no precomputed triples: sample them from the raw features
+                feats, mask = pooled_features(inputs, data.n_items, model=self.name)
                 triples = build_guided_triples(
                     data.train,
                     data.train_ts,
@@ -287,27 +283,20 @@ class CuratorNet(Recommender):
                 )
             if len(triples) == 0:
                 raise ValueError(f"{self.name}: the guided sampler produced no triple; check the data and its config")
-            source = GuidedTripleBatches(triples, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
+            source = GuidedTripleBatches(triples, batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
             sampler_notes = {"sampler": "guided", **triples.summary(), "stats": triples.stats}
         else:
-            rs = RandomTripleSampler(data.train, seed=cfg.seed, device="cpu", batch_size=cfg.batch_size)
+            rs = RandomTripleSampler(data.train, seed=cfg.train.seed, device="cpu", batch_size=cfg.train.batch_size)
             source = RandomProfileBatches(data.train, rs, mask_positive=cfg.mask_positive_in_profile, device=device)
             sampler_notes = {**rs.summary(), "positive_masked_in_profile": cfg.mask_positive_in_profile}
         self.triples_summary = sampler_notes
+        return source.epoch, sampler_notes
 
-        validate = None
-        if inputs.validation is not None and len(inputs.validation) > 0:
-            check = make_validator(self, inputs.validation, data.n_items, tcfg)
-
-            def validate() -> float:
-                self.item_cache = None  # the towers changed since the last cache
-                return check()
-
-        history = fit_triples(self.module, source.epoch, tcfg, validate=validate, log=self.log)
+    def invalidate_cache(self) -> None:
         self.item_cache = None
-        self._item_cache()  # from the restored best weights
-        history.notes["sampler"] = sampler_notes
-        return history
+
+    def build_cache(self) -> None:
+        self._item_cache()
 
     # ------------------------------------------------------------------ inference
     def _require(self) -> CuratorNetModule:
@@ -368,7 +357,7 @@ class CuratorNet(Recommender):
         weights = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
         if "item_layers.0.weight" not in weights or "item_cache" not in state:
             raise KeyError(f"{self.name}: state lacks the item tower weights or the item cache")
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.train.device)
         module = CuratorNetModule(weights["item_layers.0.weight"].shape[1], cfg.item_dims, cfg.profile_dims)
         module.load_state_dict(weights)
         self.module = module.to(device).eval()
@@ -407,9 +396,6 @@ def recommend_for_profile(
     keep = top[0] >= 0
     return [(int(i), float(s)) for i, s in zip(items.ids[top[0][keep]], scores[0][keep])]
 
-
-# registered here (imported at the end of the registry module, so no import cycle bites)
-from visrec_pipeline.recsys.registry import FEATURE_BACKBONE, ModelSpec, register  # noqa: E402
 
 register(
     ModelSpec(

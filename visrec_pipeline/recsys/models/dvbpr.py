@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import RecData
-from visrec_pipeline.recsys.samplers import RandomTripleSampler
-from visrec_pipeline.recsys.trainer import fit_triples, make_validator, train_config
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.trainer import TrainConfig
+from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: a neutral, conventional input scaling
 _STD = (0.229, 0.224, 0.225)
@@ -180,23 +182,12 @@ class DVBPRModule(nn.Module):
         return -F.logsigmoid(x_uij).mean() + reg * l2.mean()
 
 
-class _Loss:
-    def __init__(self, reg: float):
-        self.reg = reg
-
-    def __call__(self, module: DVBPRModule, batch: dict) -> torch.Tensor:
-        return module.loss(batch, reg=self.reg)
-
-
 # --------------------------------------------------------------------------------------------- model
 
 
 # the CPU-sized preset as plain config values (e.g. a Dagster run config for the demo dataset)
 DEMO_OVERRIDES: dict = {
-    "epochs": 8,
-    "batch_size": 4096,
-    "lr": 1e-2,
-    "weight_decay": 1e-5,
+    "train": {"epochs": 8, "batch_size": 4096, "lr": 1e-2, "weight_decay": 1e-5},
     "reg": 1e-4,
     "input_size": 64,
     "width_mult": 0.25,
@@ -207,21 +198,12 @@ DEMO_OVERRIDES: dict = {
 
 
 @dataclass
-class DVBPRConfig:
+class DVBPRConfig(TripleTrainedConfig):
     """Defaults: the paper's CNN-F at 224 px with K = 50 (real data, GPU). See :meth:`demo`."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-4
-    weight_decay: float = 1e-4  # Adam L2 on the CNN weights
+    # train.weight_decay: Adam L2 on the CNN weights (not on the embeddings: ``reg`` covers those)
+    train: TrainConfig = train_defaults(epochs=10, batch_size=128, lr=1e-4, weight_decay=1e-4)
     reg: float = 1e-3  # L2 on theta_u, gamma_u, gamma_i, gamma_j of each triple
-    patience: int = 3
-    eval_every: int = 1
-    val_max_users: int = 500
-    seed: int = 0
-    device: str = "auto"
-    max_batches_per_epoch: int | None = None
-    amp: str = "auto"
     k: int = 50  # visual factors (phi's output size)
     gamma_dim: int = 50  # latent (non-visual) factors; 0 = the paper's purely visual form
     architecture: str = "cnnf"  # "cnnf" (paper) or "alexnet" (tutorial)
@@ -234,6 +216,7 @@ class DVBPRConfig:
     cache_batch_size: int = 256  # images per CNN pass when building the inference cache
 
     def __post_init__(self):
+        super().__post_init__()
         if self.k < 1 or self.gamma_dim < 0:
             raise ValueError(f"DVBPRConfig: k must be >= 1 and gamma_dim >= 0 (got {self.k}, {self.gamma_dim})")
         if self.input_size < 16:
@@ -244,18 +227,21 @@ class DVBPRConfig:
     def demo(cls, **overrides) -> "DVBPRConfig":
         """CPU-sized: CNN-F's layout at 64 px, 1/4 of the channels, fc 256, no LRN (LRN costs more
         than the convolutions at this width); large batches, since a batch of 2 x 4096 images of a
-        1,500-item catalogue holds each distinct image once."""
+        1,500-item catalogue holds each distinct image once. A ``train`` dict in ``overrides`` is
+        read over the preset's training settings."""
         base = cls(**DEMO_OVERRIDES)
-        return replace(base, **overrides)
+        train = overrides.pop("train", base.train)
+        if isinstance(train, dict):
+            train = replace(base.train, **train)
+        return replace(base, train=train, **overrides)
 
 
-class DVBPR(Recommender):
+class DVBPR(TripleTrainedModel):
     name = "dvbpr"
     config_cls = DVBPRConfig
 
     def __init__(self, config: DVBPRConfig | None = None, **kw):
         super().__init__(config or DVBPRConfig(), **kw)
-        self.module: DVBPRModule | None = None
         self.phi_cache: torch.Tensor | None = None  # [n_items, K], row r = phi(image of item r)
 
     def _build(self, n_users: int, n_items: int) -> DVBPRModule:
@@ -273,14 +259,12 @@ class DVBPR(Recommender):
             out[s : s + idx.numel()] = load_images(image_fn, idx, size)
         return out.to(device)
 
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    # ------------------------------------------------------------------ training hooks
+    def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
         cfg = self.config
         if inputs.images is None:
             raise ValueError(f"{self.name} needs the item images (FitInputs.images) but none were given")
-        device = resolve_device(cfg.device)
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(cfg.seed)
-            module = self._build(data.n_users, data.n_items)
+        module = self.seeded(lambda: self._build(data.n_users, data.n_items))
         if device.type == "cuda":
             module.cnn.to(memory_format=torch.channels_last)
         table_mb = data.n_items * 3 * cfg.input_size**2 / 2**20
@@ -288,38 +272,36 @@ class DVBPR(Recommender):
             module.images = self._preload(inputs.images, data.n_items, cfg.input_size, device)
         else:  # decode per batch (slow; raise image_cache_mb if memory allows)
             module.image_fn = inputs.images
-        self.module = module.to(device)
-        self.phi_cache = None
+        notes = {
+            "images": {
+                "input_size": cfg.input_size,
+                "in_memory": module.images is not None,
+                "table_mb": round(table_mb, 1),
+            },
+            "cnn_parameters": int(sum(p.numel() for p in module.cnn.parameters())),
+        }
+        return module, notes
 
-        tcfg = train_config(cfg)
-        sampler = RandomTripleSampler(data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size)
-        cnn_params = list(module.cnn.parameters())
+    def loss_options(self) -> dict:
+        return {"reg": self.config.reg}
+
+    def optimizer(self, module: DVBPRModule) -> torch.optim.Optimizer:
+        """Adam with weight decay on the CNN only (the embeddings' L2 is ``reg``, in the loss)."""
+        cfg = self.config.train
         emb_params = [module.theta.weight, module.gamma_user.weight, module.gamma_item.weight]
-        optimizer = torch.optim.Adam(
-            [{"params": cnn_params, "weight_decay": cfg.weight_decay}, {"params": emb_params, "weight_decay": 0.0}],
+        return torch.optim.Adam(
+            [
+                {"params": list(module.cnn.parameters()), "weight_decay": cfg.weight_decay},
+                {"params": emb_params, "weight_decay": 0.0},
+            ],
             lr=cfg.lr,
         )
-        validate = None
-        if inputs.validation is not None and len(inputs.validation) > 0:
-            check = make_validator(self, inputs.validation, data.n_items, tcfg)
 
-            def validate() -> float:
-                self.phi_cache = None  # the CNN changed since the last cache
-                return check()
-
-        history = fit_triples(
-            module, sampler.epoch, tcfg, loss_fn=_Loss(cfg.reg), validate=validate, optimizer=optimizer, log=self.log
-        )
+    def invalidate_cache(self) -> None:
         self.phi_cache = None
-        self.item_cache()  # from the restored best weights
-        history.notes["sampler"] = sampler.summary()
-        history.notes["images"] = {
-            "input_size": cfg.input_size,
-            "in_memory": module.images is not None,
-            "table_mb": round(table_mb, 1),
-        }
-        history.notes["cnn_parameters"] = int(sum(p.numel() for p in cnn_params))
-        return history
+
+    def build_cache(self) -> None:
+        self.item_cache()
 
     # ------------------------------------------------------------------ inference
     def _require(self) -> DVBPRModule:
@@ -329,7 +311,7 @@ class DVBPR(Recommender):
 
     def _autocast(self, device: torch.device):
         """The training's mixed precision for the cache pass too (CUDA only; ``amp="off"`` disables)."""
-        amp = self.config.amp
+        amp = self.config.train.amp
         if device.type != "cuda" or amp == "off":
             return torch.autocast(device_type="cpu", enabled=False)
         bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
@@ -381,13 +363,10 @@ class DVBPR(Recommender):
         n_items = state["module.gamma_item.weight"].shape[0]
         module = self._build(n_users, n_items)
         module.load_state_dict({k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")})
-        device = resolve_device(self.config.device)
+        device = resolve_device(self.config.train.device)
         self.module = module.to(device).eval()
         self.phi_cache = state["phi_cache"].float().to(device)
 
-
-# registered here (imported at the end of the registry module, so no import cycle bites)
-from visrec_pipeline.recsys.registry import ModelSpec, register  # noqa: E402
 
 register(
     ModelSpec(

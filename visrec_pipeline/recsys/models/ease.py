@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import CSR, RecData
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
 
 
 @dataclass
@@ -191,3 +193,11 @@ def _dense(train: CSR, remap: np.ndarray, n_cols: int) -> torch.Tensor:
     X = torch.zeros((train.n_rows, n_cols), dtype=torch.float64)
     X[torch.as_tensor(train.row_ids()), torch.as_tensor(remap[train.indices])] = 1.0
     return X
+
+
+register(
+    ModelSpec(
+        "ease", EASE, EASEConfig, frozenset(),
+        "EASE (Steck 2019): closed-form item-item linear autoencoder; lambda chosen on the validation split.",
+    )
+)

@@ -30,11 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrec_pipeline.recsys.base import FitInputs, TrainHistory
+from visrec_pipeline.backbone import FEATURE_BACKBONE
+from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.data import RecData
-from visrec_pipeline.recsys.models.bpr_mf import FactorScores, FactorScoreRecommender
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.models.bpr_mf import FactorScoreRecommender, FactorScores
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
-from visrec_pipeline.recsys.trainer import fit_on_random_triples, train_config
+from visrec_pipeline.recsys.trainer import TrainConfig
+from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, train_defaults
 
 
 class GatherProject(torch.autograd.Function):
@@ -148,25 +151,21 @@ class VBPRModule(nn.Module):
 
 
 @dataclass
-class VBPRConfig:
+class VBPRConfig(TripleTrainedConfig):
+    # epochs: an upper bound (early stopping on the validation split ends training)
+    train: TrainConfig = train_defaults(epochs=50, batch_size=4096, lr=3e-3)
     dim_gamma: int = 200  # latent (non-visual) factors, tutorial notebook
     dim_theta: int = 100  # visual factors, tutorial notebook
-    epochs: int = 50  # an upper bound: early stopping on the validation split ends training
-    batch_size: int = 4096
-    lr: float = 3e-3
     reg: float = 1e-4  # L2 on gamma_u, theta_u, gamma_i, gamma_j, beta_i, beta_j of each triple
     reg_visual: float = 0.0  # L2 on E and beta'
     init_std: float = 0.01
     feature_scale: str = "l2"  # "none" (raw), "l2" (unit rows) or "standard" (centred, unit mean norm)
-    patience: int = 3
-    eval_every: int = 1
-    val_max_users: int = 500
     triples_per_epoch: int = 0  # 0 = one triple per training interaction
-    seed: int = 0
-    device: str = "auto"
 
 
-def scale_features(features: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def scale_to_unit_norm(features: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """VBPR's input features: ``how`` = none (raw) | l2 (each row to unit norm) | standard (centred, then
+    one global factor so the mean row norm is 1: the rows keep their relative lengths)."""
     if how == "none":
         return features
     if how == "l2":
@@ -186,29 +185,27 @@ class VBPR(FactorScoreRecommender):
     def __init__(self, config: VBPRConfig | None = None, **kw):
         super().__init__(config or VBPRConfig(), **kw)
 
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
         c = self.config
         feats, mask = pooled_features(inputs, data.n_items, model="VBPR")
-        feats = scale_features(feats, mask, c.feature_scale)
-        torch.manual_seed(c.seed)
-        self.module = VBPRModule(
-            data.n_users, data.n_items, feats, c.dim_gamma, c.dim_theta, c.reg, c.reg_visual, c.init_std
+        feats = scale_to_unit_norm(feats, mask, c.feature_scale)
+        module = self.seeded(
+            lambda: VBPRModule(
+                data.n_users, data.n_items, feats, c.dim_gamma, c.dim_theta, c.reg, c.reg_visual, c.init_std
+            )
         )
-        history = fit_on_random_triples(
-            self,
-            self.module,
-            data,
-            inputs,
-            train_config(c),
-            triples_per_epoch=c.triples_per_epoch or None,
-            refresh=self.refresh,
-        )
-        history.notes["items_with_features"] = int(mask.sum())
-        self.refresh()
-        return history
+        return module, {"items_with_features": int(mask.sum())}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
         if self.module is None:  # loaded from a checkpoint: the cache is all there is
             return state
         return {**state, "visual_projection": self.module.visual.detach()}
+
+
+register(
+    ModelSpec(
+        "vbpr", VBPR, VBPRConfig, frozenset({f"features:{FEATURE_BACKBONE}", "triples_random"}),
+        "VBPR (He & McAuley 2016): BPR matrix factorisation plus a learned projection of frozen visual features.",
+    )
+)

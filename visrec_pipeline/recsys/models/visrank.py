@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory, resolve_device
+from visrec_pipeline.backbone import FEATURE_BACKBONE
+from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import RecData
+from visrec_pipeline.recsys.model_spec import ModelSpec, register
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
 
 AGGREGATIONS = ("max", "mean", "topk_mean")
@@ -128,3 +131,11 @@ class VisRank(Recommender):
             raise ValueError(
                 f"VisRank: attached features have shape {tuple(self.features.shape)}, checkpoint expects {expected}"
             )
+
+
+register(
+    ModelSpec(
+        "visrank", VisRank, VisRankConfig, frozenset({f"features:{FEATURE_BACKBONE}"}),
+        "VisRank: content-based, each item scored by its cosine similarity to the user's profile items.",
+    )
+)
