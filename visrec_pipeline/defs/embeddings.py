@@ -10,11 +10,13 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.embeddings import preview, store, update
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
-from visrec_pipeline.embeddings.extract import load_backbone, resolve_device
+from visrec_pipeline.embeddings.extract import load_backbone
 from visrec_pipeline.embeddings.kmeans import ClusterState, assign, kmeans, l2_normalize
 from visrec_pipeline.embeddings.thumbnails import ThumbnailPaths
 from visrec_pipeline.embeddings.weights import WeightsChoice
@@ -23,7 +25,6 @@ from visrec_pipeline.paths import Workspace
 from visrec_pipeline.reporting.grids import png_markdown
 
 EMBEDDINGS_CODE_VERSION = "1"
-CLUSTER_BACKBONE = "resnet50"
 
 
 class EmbeddingConfig(dg.Config):
@@ -228,10 +229,10 @@ class ClusterConfig(dg.Config):
 
 
 @dg.asset(
-    deps=[dg.AssetKey(f"embeddings_{CLUSTER_BACKBONE}")],
+    deps=[dg.AssetKey(f"embeddings_{FEATURE_BACKBONE}")],
     group_name="features",
     code_version="1",
-    description=f"k-means (k-means++ init, Lloyd) over L2-normalised pooled {CLUSTER_BACKBONE} features; the "
+    description=f"k-means (k-means++ init, Lloyd) over L2-normalised pooled {FEATURE_BACKBONE} features; the "
     "stand-in for 'artist' in CuratorNet's guidelines when an item has no creator. Table `visual_clusters`.",
     kinds={"pytorch", "duckdb"},
     automation_condition=data_side(),
@@ -242,12 +243,12 @@ def visual_clusters(
     ws = settings.workspace
     with duckdb.get_connection() as conn:
         store.ensure_tables(conn)
-        snap = store.snapshot(conn, ws.features_dir, CLUSTER_BACKBONE)
+        snap = store.snapshot(conn, ws.features_dir, FEATURE_BACKBONE)
         path_rows = images_table.ok_paths(conn)
     ids = snap.item_ids
     device = resolve_device(config.device)
     t0 = time.perf_counter()
-    state_path = ws.features_dir / "clusters" / f"{CLUSTER_BACKBONE}.npz"
+    state_path = ws.features_dir / "clusters" / f"{FEATURE_BACKBONE}.npz"
     weights_tag = str(snap.provenance.get("weights_tag"))
     result, mode = None, "empty"
     if len(ids):
@@ -264,10 +265,10 @@ def visual_clusters(
             ClusterState(centroids, np.asarray(ids, np.int64), config.k, config.seed, weights_tag).save(state_path)
     else:
         labels, centroids = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        context.log.warning(f"no {CLUSTER_BACKBONE} features are served: visual_clusters is empty")
+        context.log.warning(f"no {FEATURE_BACKBONE} features are served: visual_clusters is empty")
     seconds = time.perf_counter() - t0
     with duckdb.get_connection() as conn:
-        store.replace_clusters(conn, CLUSTER_BACKBONE, ids, labels)
+        store.replace_clusters(conn, FEATURE_BACKBONE, ids, labels)
 
     sizes = np.bincount(labels, minlength=len(centroids)) if len(ids) else np.zeros(0, np.int64)
     metadata = {
@@ -288,7 +289,7 @@ def visual_clusters(
     if len(ids) and config.preview_clusters:
         png = preview.cluster_samples_png(
             ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
-            config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"),
+            config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{FEATURE_BACKBONE}"),
         )
         metadata["cluster_samples"] = dg.MetadataValue.md(png_markdown(png, "cluster samples"))
     return dg.MaterializeResult(metadata=metadata)
