@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision import models
 
 from visrec_pipeline import db
-from visrec_pipeline.defs.embeddings import CLUSTER_BACKBONE, defs as embeddings_defs, embedding_asset, embedding_coverage_check, visual_clusters
+from visrec_pipeline.backbone import FEATURE_BACKBONE
+from visrec_pipeline.defs.embeddings import defs as embeddings_defs, embedding_asset, embedding_coverage_check, visual_clusters
 from visrec_pipeline.defs.resources import default_resources
 from visrec_pipeline.embeddings import int8, store
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
@@ -153,7 +154,7 @@ def test_int8_materializations_calibrate_once_and_store_the_calibration_with_the
 
 def test_resnet50_features_spatial_maps_and_visual_clusters(ws):
     ok_images(ws, range(1, 7))
-    emb = next(a for a in embeddings_defs.assets if a.key == dg.AssetKey(f"embeddings_{CLUSTER_BACKBONE}"))
+    emb = next(a for a in embeddings_defs.assets if a.key == dg.AssetKey(f"embeddings_{FEATURE_BACKBONE}"))
     result = dg.materialize(
         [emb, visual_clusters],
         resources=default_resources(ws),
