@@ -135,6 +135,12 @@ class TripleTrainedModel(Recommender):
         )
         return sampler.epoch, sampler.summary()
 
+    def trained_module(self) -> nn.Module:
+        """The module to score with; an error before ``fit()`` or ``load_state_dict()``."""
+        if self.module is None:
+            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
+        return self.module
+
     # ------------------------------------------------------------------ training
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
         """Train as described in the module docstring. Validation AUC (early stopping) uses

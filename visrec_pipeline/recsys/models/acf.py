@@ -278,15 +278,10 @@ class ACF(TripleTrainedModel):
         self._cache()
 
     # ------------------------------------------------------------------ inference
-    def _require(self) -> ACFModule:
-        if self.module is None:
-            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
-        return self.module
-
     @torch.no_grad()
     def _cache(self) -> torch.Tensor:
         """Reduced regions of every item in item-index order (float16), built once per weights."""
-        module = self._require()
+        module = self.trained_module()
         if self.region_cache is None:
             if module.regions is None:
                 raise RuntimeError(f"{self.name}: no region table and no region cache to score with")
@@ -323,7 +318,7 @@ class ACF(TripleTrainedModel):
 
     @torch.no_grad()
     def _attend(self, batch: ScoreBatch):
-        module = self._require()
+        module = self.trained_module()
         cache = self._cache()
         device = cache.device
         slot, items, mask = self._select_profile(batch, device)
@@ -335,7 +330,7 @@ class ACF(TripleTrainedModel):
 
     @torch.no_grad()
     def score(self, batch: ScoreBatch) -> torch.Tensor:
-        module = self._require()
+        module = self.trained_module()
         was = module.training
         module.eval()
         step = max(1, self.config.score_batch_users)
@@ -353,7 +348,7 @@ class ACF(TripleTrainedModel):
     def explain(self, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(item_attention [b, L], component_attention [b, L, R])`` aligned with ``batch``'s
         profile slots; slots that are padding or beyond the most recent ``max_profile_len`` get 0."""
-        module = self._require()
+        module = self.trained_module()
         was = module.training
         module.eval()
         _, slot, _, mask, alpha, beta = self._attend(batch)
@@ -367,7 +362,7 @@ class ACF(TripleTrainedModel):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
-        module = self._require()
+        module = self.trained_module()
         state = {f"module.{k}": v for k, v in module.state_dict().items()}
         state["region_cache"] = self._cache()
         state["ui_keys"] = self.ui_keys

@@ -299,14 +299,9 @@ class CuratorNet(TripleTrainedModel):
         self._item_cache()
 
     # ------------------------------------------------------------------ inference
-    def _require(self) -> CuratorNetModule:
-        if self.module is None:
-            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
-        return self.module
-
     @torch.no_grad()
     def _item_cache(self) -> torch.Tensor:
-        module = self._require()
+        module = self.trained_module()
         if self.item_cache is None:
             if module.features is None:
                 raise RuntimeError(f"{self.name}: no item features and no item cache to score with")
@@ -322,7 +317,7 @@ class CuratorNet(TripleTrainedModel):
     @torch.no_grad()
     def profile_vectors(self, batch: ScoreBatch) -> torch.Tensor:
         """``p_u`` for each row of ``batch`` from its profile only (``user_idx`` is ignored)."""
-        module = self._require()
+        module = self.trained_module()
         cache = self._item_cache()
         items = batch.profile_items.to(cache.device).long()
         mask = batch.profile_mask.to(cache.device).bool()
@@ -347,7 +342,7 @@ class CuratorNet(TripleTrainedModel):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
-        module = self._require()
+        module = self.trained_module()
         state = {f"module.{k}": v for k, v in module.state_dict().items()}
         state["item_cache"] = self._item_cache()
         return state

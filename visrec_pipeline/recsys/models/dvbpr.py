@@ -304,11 +304,6 @@ class DVBPR(TripleTrainedModel):
         self.item_cache()
 
     # ------------------------------------------------------------------ inference
-    def _require(self) -> DVBPRModule:
-        if self.module is None:
-            raise RuntimeError(f"{self.name}: call fit() or load_state_dict() before scoring")
-        return self.module
-
     def _autocast(self, device: torch.device):
         """The training's mixed precision for the cache pass too (CUDA only; ``amp="off"`` disables)."""
         amp = self.config.train.amp
@@ -320,7 +315,7 @@ class DVBPR(TripleTrainedModel):
     @torch.no_grad()
     def item_cache(self) -> torch.Tensor:
         """``phi(X_i)`` of every item in item-index order, built once per CNN weights."""
-        module = self._require()
+        module = self.trained_module()
         if self.phi_cache is None:
             was = module.training
             module.eval()
@@ -339,7 +334,7 @@ class DVBPR(TripleTrainedModel):
     @torch.no_grad()
     def score(self, batch: ScoreBatch) -> torch.Tensor:
         """``gamma_u . gamma_i + theta_u . phi_i`` for every item; users unknown to training get 0."""
-        module = self._require()
+        module = self.trained_module()
         phi = self.item_cache()
         device = phi.device
         user = batch.user_idx.to(device).long()
@@ -351,7 +346,7 @@ class DVBPR(TripleTrainedModel):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
-        module = self._require()
+        module = self.trained_module()
         state = {f"module.{k}": v for k, v in module.state_dict().items()}
         state["phi_cache"] = self.item_cache()
         return state
