@@ -12,6 +12,7 @@ from pydantic import Field
 
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.embeddings import preview, store, update
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
 from visrec_pipeline.embeddings.extract import load_backbone, resolve_device
@@ -128,6 +129,8 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: EmbeddingConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
     ) -> dg.MaterializeResult:
         ws = settings.workspace.ensure()
+        similar_previews = ws.previews_dir / f"similar_{spec.name}"
+        remove_leftover_temps(context, ws.features_dir / spec.name, similar_previews, ws.init_cache_dir)
         backbone = load_backbone(
             spec,
             config.weights,
@@ -178,7 +181,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         )
         grid = preview.neighbour_grid(
             committed.snapshot, ThumbnailPaths(ws.root, committed.ok_paths), config.neighbour_queries,
-            config.neighbours, preview.GridCache(ws.previews_dir / f"similar_{spec.name}"),
+            config.neighbours, preview.GridCache(similar_previews),
         )
         return dg.MaterializeResult(
             metadata=_embedding_metadata(ws, spec, choice, plan, extraction, provenance, committed, grid)
@@ -240,6 +243,8 @@ def visual_clusters(
     context: dg.AssetExecutionContext, config: ClusterConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
 ) -> dg.MaterializeResult:
     ws = settings.workspace
+    cluster_previews = ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"
+    remove_leftover_temps(context, ws.features_dir / "clusters", cluster_previews)
     with duckdb.get_connection() as conn:
         store.ensure_tables(conn)
         snap = store.snapshot(conn, ws.features_dir, CLUSTER_BACKBONE)
@@ -288,7 +293,7 @@ def visual_clusters(
     if len(ids) and config.preview_clusters:
         png = preview.cluster_samples_png(
             ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
-            config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{CLUSTER_BACKBONE}"),
+            config.samples_per_cluster, preview.GridCache(cluster_previews),
         )
         metadata["cluster_samples"] = dg.MetadataValue.md(png_markdown(png, "cluster samples"))
     return dg.MaterializeResult(metadata=metadata)
