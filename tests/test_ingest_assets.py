@@ -14,6 +14,7 @@ from visrec_pipeline.defs.ingest import INGEST_ASSETS
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.ingest import ingest_batch
 from visrec_pipeline.ingest import store as ingest_store
+from visrec_pipeline.ingest.shrink_guard import ShrinkPolicy
 from visrec_pipeline.paths import Workspace
 
 ROWS = [
@@ -35,17 +36,19 @@ ITEMS = [
 ]
 
 
-def resources(ws: Workspace) -> dict:
+def resources(ws: Workspace, **settings) -> dict:
     return {
-        "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
+        "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset, **settings),
         "duckdb": VisrecDuckDB(database=str(ws.db_path)),
     }
 
 
-def materialize(ws: Workspace, run_config: dict | None = None, *, selection=None, raise_on_error: bool = True):
+def materialize(
+    ws: Workspace, run_config: dict | None = None, *, selection=None, raise_on_error: bool = True, **settings
+):
     return dg.materialize(
         INGEST_ASSETS,
-        resources=resources(ws),
+        resources=resources(ws, **settings),
         run_config=run_config,
         selection=selection,
         raise_on_error=raise_on_error,
@@ -263,11 +266,12 @@ def test_failure_inside_the_write_transaction_keeps_the_previous_batch(workspace
         raise KeyboardInterrupt("killed before COMMIT")  # ... then the process is interrupted
 
     monkeypatch.setattr(ingest_store, "run_sql", run_then_die)
+    # 7 rows replaced by 1: allowed explicitly (issue 14: a batch shrinking the data by more than half)
     with duckdb.connect(str(workspace.db_path)) as conn, pytest.raises(KeyboardInterrupt):
-        ingest_batch(conn, "initial", workspace.dataset_dir / "interactions.csv")
+        ingest_batch(conn, "initial", workspace.dataset_dir / "interactions.csv", shrink_policy=ShrinkPolicy(True))
     assert query(workspace, "SELECT * FROM raw_interactions ORDER BY source_line") == before
     monkeypatch.undo()
-    assert materialize(workspace, selection=["raw_interactions"]).success
+    assert materialize(workspace, selection=["raw_interactions"], allow_shrinking=True).success
     assert query(workspace, "SELECT user_id, item_id FROM raw_interactions") == [(9, 90)]
 
 

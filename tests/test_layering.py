@@ -10,6 +10,7 @@ LIBRARY = (
     "visrec_pipeline.paths",
     "visrec_pipeline.db",
     "visrec_pipeline.atomic",
+    "visrec_pipeline.processes",
     "visrec_pipeline.lineage",
     "visrec_pipeline.model_io",
     "visrec_pipeline.demo",

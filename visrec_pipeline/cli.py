@@ -47,6 +47,7 @@ def demo_run_config(on_gpu: bool) -> dict:
 def run_demo(in_process: bool = False) -> int:
     import dagster as dg
 
+    from visrec_pipeline.defs.dead_runs import release_dead_runs
     from visrec_pipeline.paths import Workspace
 
     home = _ensure_dagster_home()
@@ -59,6 +60,10 @@ def run_demo(in_process: bool = False) -> int:
     if ws.is_demo:
         run_config.update(demo_run_config(torch.cuda.is_available()))
     with dg.DagsterInstance.get() as instance:
+        # a demo killed earlier must not keep this one waiting for its pool slots (the run's executor
+        # does it too, and keeps doing it while the run lasts; here it is said on the console first)
+        for gone in release_dead_runs(instance):
+            print(gone.message, flush=True)
         result = dg.execute_job(
             dg.reconstructable(all_assets_job), instance=instance, run_config=run_config, raise_on_error=False
         )

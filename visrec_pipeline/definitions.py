@@ -1,5 +1,5 @@
 """The Dagster code location: every module of ``visrec_pipeline/defs/``, loaded by folder, plus the
-executor and the ``visrec_all`` job.
+executor (multiprocess, releasing dead runs' pool slots first) and the ``visrec_all`` job.
 
 ``dg`` (``[tool.dg]`` in pyproject.toml), ``dagster dev`` (workspace.yaml), the CLI, the tests and
 the forkserver of the multiprocess executor all import this module.
@@ -12,15 +12,19 @@ from pathlib import Path
 import dagster as dg
 from dagster._record import replace
 
+from visrec_pipeline.defs.dead_runs import releasing_dead_runs
 from visrec_pipeline.defs.resources import MAX_CONCURRENT_STEPS
 
 # Each step runs in a process forked from a server that has already imported this module (torch,
-# the pipeline and the loaded location), so a step starts in well under a second.
-EXECUTOR = dg.multiprocess_executor.configured(
-    {
-        "max_concurrent": MAX_CONCURRENT_STEPS,
-        "start_method": {"forkserver": {"preload_modules": ["visrec_pipeline.definitions"]}},
-    }
+# the pipeline and the loaded location), so a step starts in well under a second. Every run (CLI or
+# UI) first frees the pool slots of runs killed earlier (defs/dead_runs.py), so it never waits on them.
+EXECUTOR = releasing_dead_runs(
+    dg.multiprocess_executor.configured(
+        {
+            "max_concurrent": MAX_CONCURRENT_STEPS,
+            "start_method": {"forkserver": {"preload_modules": ["visrec_pipeline.definitions"]}},
+        }
+    )
 )
 
 ALL_ASSETS_JOB = dg.define_asset_job(

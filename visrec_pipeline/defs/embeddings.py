@@ -13,6 +13,7 @@ from pydantic import Field
 from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.embeddings import preview, store, update
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
@@ -129,6 +130,8 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: EmbeddingConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
     ) -> dg.MaterializeResult:
         ws = settings.workspace.ensure()
+        similar_previews = ws.previews_dir / f"similar_{spec.name}"
+        remove_leftover_temps(context, ws.features_dir / spec.name, similar_previews, ws.init_cache_dir)
         backbone = load_backbone(
             spec,
             config.weights,
@@ -179,7 +182,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         )
         grid = preview.neighbour_grid(
             committed.snapshot, ThumbnailPaths(ws.root, committed.ok_paths), config.neighbour_queries,
-            config.neighbours, preview.GridCache(ws.previews_dir / f"similar_{spec.name}"),
+            config.neighbours, preview.GridCache(similar_previews),
         )
         return dg.MaterializeResult(
             metadata=_embedding_metadata(ws, spec, choice, plan, extraction, provenance, committed, grid)
@@ -241,6 +244,8 @@ def visual_clusters(
     context: dg.AssetExecutionContext, config: ClusterConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
 ) -> dg.MaterializeResult:
     ws = settings.workspace
+    cluster_previews = ws.previews_dir / f"clusters_{FEATURE_BACKBONE}"
+    remove_leftover_temps(context, ws.features_dir / "clusters", cluster_previews)
     with duckdb.get_connection() as conn:
         store.ensure_tables(conn)
         snap = store.snapshot(conn, ws.features_dir, FEATURE_BACKBONE)
@@ -289,7 +294,7 @@ def visual_clusters(
     if len(ids) and config.preview_clusters:
         png = preview.cluster_samples_png(
             ThumbnailPaths(ws.root, path_rows), ids, labels, min(config.preview_clusters, len(sizes)),
-            config.samples_per_cluster, preview.GridCache(ws.previews_dir / f"clusters_{FEATURE_BACKBONE}"),
+            config.samples_per_cluster, preview.GridCache(cluster_previews),
         )
         metadata["cluster_samples"] = dg.MetadataValue.md(png_markdown(png, "cluster samples"))
     return dg.MaterializeResult(metadata=metadata)

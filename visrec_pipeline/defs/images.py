@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.images.commons import (
     DEFAULT_API_URL,
     STANDARD_THUMB_WIDTHS,
@@ -166,6 +167,7 @@ def item_images(
 ) -> dg.MaterializeResult:
     ws = settings.workspace
     store = ImageStore.for_workspace(ws)
+    temps_removed = remove_leftover_temps(context, store.root)
     source = _resolve_source(config, settings, commons)
     limits = ImageLimits(max_pixels=config.max_pixels, max_bytes=config.max_bytes)
 
@@ -214,6 +216,7 @@ def item_images(
         "elapsed_s": round(time.perf_counter() - started, 2),
         "status_counts": dg.MetadataValue.md(md_table(summary)),
         "image_store": dg.MetadataValue.path(str(store.root)),
+        "temp_files_removed": temps_removed,
     }
     if client is not None:
         metadata["http_retries"] = client.retries

@@ -13,7 +13,7 @@ partition replaces that batch in ``raw_interactions`` (never duplicates it).
 import dagster as dg
 import pyarrow.compute as pc
 
-from visrec_pipeline.defs.ingest import input_failure
+from visrec_pipeline.defs.ingest import input_failure, shrink_refusal_as_failure
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.ingest import InputFileError, batches_summary, read_interactions, write_batch
 from visrec_pipeline.ingest.incoming import find_batch_file, items_file_for, key_hash
@@ -52,12 +52,12 @@ def incoming_interactions(
             allow_retries=False,
         )
     try:
-        batch = read_interactions(found.path, file=found.source_file)
+        batch = read_interactions(found.path, file=found.source_file, future_tolerance_s=settings.future_tolerance_s)
     except InputFileError as exc:
         lead = f"batch {found.source_file} rejected whole, nothing written (earlier batches are untouched):"
         raise input_failure(exc, lead=lead) from exc
-    with duckdb.get_connection() as conn:
-        write_batch(conn, key, batch, source_file=found.source_file)
+    with shrink_refusal_as_failure(), duckdb.get_connection() as conn:
+        write_batch(conn, key, batch, source_file=found.source_file, shrink_policy=settings.shrink_policy)
         batches = batches_summary(conn)
         counts = raw_counts(conn)
     items_file = items_file_for(found.path)

@@ -8,12 +8,21 @@ transaction), runs the checks and collects metadata.
 # No ``from __future__ import annotations`` here: Dagster resolves the Config and
 # resource annotations of asset functions at definition time.
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
 from visrec_pipeline.defs.automation import data_side
-from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import (
+    ALLOW_SHRINKING_ENV,
+    DUCKDB_POOL,
+    MAX_SHRINK_SHARE_ENV,
+    VisrecDuckDB,
+    VisrecSettings,
+)
 from visrec_pipeline.ingest import (
     INITIAL_BATCH,
     InputFileError,
@@ -36,6 +45,7 @@ from visrec_pipeline.ingest.checks import (
 from visrec_pipeline.ingest.derive import fingerprint
 from visrec_pipeline.ingest.errors import DatasetFolderError
 from visrec_pipeline.ingest.incoming import read_catalog_items
+from visrec_pipeline.ingest.shrink_guard import BatchShrinkRefused
 from visrec_pipeline.ingest.store import catalog_item_count, raw_counts
 from visrec_pipeline.ingest.summary import distribution_markdown, markdown_table
 
@@ -44,6 +54,12 @@ CODE_VERSION = "1"
 # Later batches (incoming/, one partition per file) feed interactions next to the initial file.
 INCOMING = dg.AssetKey("incoming_interactions")
 _SHOWN_PROBLEMS = 20
+
+SHRINK_HINT = (
+    "If that is intended, set allow_shrinking: true on the settings resource (launchpad: resources -> settings; "
+    f"default from {ALLOW_SHRINKING_ENV}=1) and run again; max_shrink_share ({MAX_SHRINK_SHARE_ENV}, default 0.5) "
+    "sets how much one batch may remove without it."
+)
 
 QUARANTINE_HINT = (
     "Fix the file, or materialize raw_interactions with config quarantine_bad_rows: true to keep the good "
@@ -90,6 +106,15 @@ def input_failure(exc: Exception, hint: str = "", *, lead: str = "") -> dg.Failu
     return dg.Failure(description=text, metadata=metadata, allow_retries=False)
 
 
+@contextmanager
+def shrink_refusal_as_failure() -> Iterator[None]:
+    """A batch refused by the shrink guard (nothing written) fails the step with the way to allow it."""
+    try:
+        yield
+    except BatchShrinkRefused as exc:
+        raise dg.Failure(description=f"{exc}\n{SHRINK_HINT}", allow_retries=False) from exc
+
+
 class RawInteractionsConfig(dg.Config):
     quarantine_bad_rows: bool = Field(
         default=False,
@@ -122,15 +147,20 @@ def raw_interactions(
         ensure_demo_dataset(ws.dataset_dir)
     try:
         path = find_interactions_file(ws.dataset_dir)
-        batch = read_interactions(path, file=path.name, quarantine=config.quarantine_bad_rows)
+        batch = read_interactions(
+            path,
+            file=path.name,
+            quarantine=config.quarantine_bad_rows,
+            future_tolerance_s=settings.future_tolerance_s,
+        )
     except InputFileError as exc:
         raise input_failure(exc, QUARANTINE_HINT) from exc
     except DatasetFolderError as exc:
         raise input_failure(exc) from exc
     context.log.info(f"{batch.file}: {batch.n_rows} rows valid, {batch.n_rejected_rows} rejected ({batch.reader})")
 
-    with duckdb.get_connection() as conn:
-        write_batch(conn, INITIAL_BATCH, batch)
+    with shrink_refusal_as_failure(), duckdb.get_connection() as conn:
+        write_batch(conn, INITIAL_BATCH, batch, shrink_policy=settings.shrink_policy)
         batches = batches_summary(conn)
         counts = raw_counts(conn)
         version = fingerprint(conn, "raw_interactions")

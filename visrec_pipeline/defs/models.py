@@ -19,6 +19,7 @@ import pydantic
 from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.defs.resources import VisrecSettings
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_KS,
@@ -91,6 +92,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
     def model_asset(
         context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
     ) -> dg.MaterializeResult:
+        remove_leftover_temps(context, settings.workspace.models_dir / name)
         trained = train_model(settings.workspace, name, _to_model_config(spec, config), log=context.log)
         return dg.MaterializeResult(metadata=_training_metadata(trained))
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from visrec_pipeline.defs.automation import follows_evaluations
 from visrec_pipeline.defs.resources import VisrecSettings
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.pipeline import DEFAULT_PROTOCOL
 from visrec_pipeline.reporting.benchmark_report import (
@@ -33,6 +34,7 @@ class BenchmarkReportConfig(dg.Config):
 def benchmark_report(
     context: dg.AssetExecutionContext, config: BenchmarkReportConfig, settings: VisrecSettings
 ) -> dg.MaterializeResult:
+    remove_leftover_temps(context, settings.workspace.reports_dir)
     report = write_benchmark_report(
         settings.workspace,
         protocol=config.protocol,

@@ -12,6 +12,8 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from visrec_pipeline import db
+from visrec_pipeline.ingest.interactions_file import DEFAULT_FUTURE_TOLERANCE_S
+from visrec_pipeline.ingest.shrink_guard import DEFAULT_MAX_SHRINK_SHARE, ShrinkPolicy
 from visrec_pipeline.paths import Workspace, env_data_dir, env_dataset
 
 # Bulk writers (ingest, images) declare this pool; dagster_home/dagster.yaml limits it to
@@ -36,8 +38,33 @@ def step_threads(requested: int, cpus: int | None, in_step_subprocess: bool) -> 
     return max(1, (cpus or 1) // MAX_CONCURRENT_STEPS)
 
 
+ALLOW_SHRINKING_ENV = "VISREC_ALLOW_SHRINKING"
+MAX_SHRINK_SHARE_ENV = "VISREC_MAX_SHRINK_SHARE"
+FUTURE_TOLERANCE_ENV = "VISREC_FUTURE_TOLERANCE_HOURS"
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes/on (any case) is yes, unset or empty is no."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
+def env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
 class VisrecSettings(dg.ConfigurableResource):
-    """Which dataset to run on and where artefacts go (defaults: the env vars)."""
+    """Which dataset to run on, where artefacts go and what input is accepted (defaults: the env vars)."""
 
     data_dir: str = Field(
         default_factory=env_data_dir,
@@ -55,9 +82,36 @@ class VisrecSettings(dg.ConfigurableResource):
         "parallel subprocesses, torch's default when the run executes in one process.",
     )
 
+    allow_shrinking: bool = Field(
+        default_factory=lambda: env_flag(ALLOW_SHRINKING_ENV),
+        description="Load an interactions batch with no data rows, or one that removes more than max_shrink_share "
+        f"of raw_interactions (e.g. a smaller interactions.csv); refused otherwise ({ALLOW_SHRINKING_ENV}).",
+    )
+    max_shrink_share: float = Field(
+        default_factory=lambda: env_number(MAX_SHRINK_SHARE_ENV, DEFAULT_MAX_SHRINK_SHARE),
+        ge=0.0,
+        le=1.0,
+        description="Largest share of raw_interactions rows one batch may remove without allow_shrinking "
+        f"({MAX_SHRINK_SHARE_ENV}).",
+    )
+    future_tolerance_hours: float = Field(
+        default_factory=lambda: env_number(FUTURE_TOLERANCE_ENV, DEFAULT_FUTURE_TOLERANCE_S / 3600),
+        ge=0.0,
+        description="Interaction timestamps later than now plus this many hours are refused as malformed "
+        f"({FUTURE_TOLERANCE_ENV}).",
+    )
+
     @property
     def workspace(self) -> Workspace:
         return Workspace.from_settings(self.data_dir, self.dataset)
+
+    @property
+    def shrink_policy(self) -> ShrinkPolicy:
+        return ShrinkPolicy(self.allow_shrinking, self.max_shrink_share)
+
+    @property
+    def future_tolerance_s(self) -> float:
+        return self.future_tolerance_hours * 3600
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         import multiprocessing

@@ -11,6 +11,7 @@ from visrec_pipeline import triple_sets
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
+from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data, save_guided_triples
 from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, build_guided_triples
 
@@ -80,6 +81,7 @@ def triples_guided(
     context: dg.AssetExecutionContext, config: GuidedTriplesConfig, settings: VisrecSettings, duckdb: VisrecDuckDB  # type: ignore[valid-type]
 ) -> dg.MaterializeResult:
     ws = settings.workspace.ensure()
+    remove_leftover_temps(context, ws.triples_dir)
     sampler_config = GuidedSamplerConfig(**to_dataclass_kwargs(GuidedSamplerConfig, config))
     with duckdb.get_connection() as conn:
         data = load_rec_data(conn)

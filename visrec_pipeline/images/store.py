@@ -149,10 +149,14 @@ class DatasetImages:
     candidate names and matches them case-insensitively against the listing,
     so neither a raw id string nor anything else from the input becomes a path.
     When several files match one id, ``.jpg`` wins over ``.jpeg`` over ``.png``.
+    A file may be a symbolic link as long as it resolves inside the dataset folder
+    (the parent of ``images/``) or inside ``images/``' own target: see :meth:`outside_reason`.
     """
 
     def __init__(self, images_dir: str | os.PathLike):
         self.images_dir = Path(images_dir)
+        # where a link may point: the dataset folder, and images/ itself when it is a link elsewhere
+        self._allowed_roots = (self.images_dir.parent.resolve(), self.images_dir.resolve())
         names: dict[str, str] = {}
         if self.images_dir.is_dir():
             with os.scandir(self.images_dir) as it:
@@ -174,6 +178,15 @@ class DatasetImages:
 
     def find_many(self, item_ids: Iterable[object]) -> list[Path | None]:
         return [self.find(i) for i in item_ids]
+
+    def outside_reason(self, path: Path) -> str | None:
+        """Why ``path`` (a file found here) must not be opened: it resolves outside the dataset
+        folder, through a symbolic link (a dataset is input, and a link could make the pipeline read
+        any file of the machine). None when it stays inside."""
+        target = path.resolve()
+        if any(target.is_relative_to(root) for root in self._allowed_roots):
+            return None
+        return f"{path.name} is a symbolic link to {target}, outside the dataset folder: refused, not opened"
 
 
 def find_dataset_image(images_dir: str | os.PathLike, item_id: object) -> Path | None:

@@ -80,6 +80,8 @@ class FolderImageSource:
                         source=self.name,
                     )
                 )
+            elif (outside := self.images.outside_reason(path)) is not None:
+                out.append(ItemImageRow(item_id, ImageStatus.CORRUPT.value, outside, source=self.name))
             else:
                 out.append(pool.submit(thumbnail_file_to_store, item_id, str(path), str(store.root), limits, self.name))
         return out

@@ -5,12 +5,15 @@ The file has ``user_id,item_id,timestamp`` and optionally ``evaluation``
 file, the line (CSV, header = line 1) or row index (Parquet, 0-based) and the
 column. By default any problem raises ``InputFileError``; with
 ``quarantine=True`` the bad rows are returned in ``rejects`` and the good
-rows are kept.
+rows are kept. A timestamp later than now plus ``future_tolerance_s`` is one
+of those problems.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,9 @@ ROWS_SCHEMA = pa.schema(
         ("source_line", pa.int64()),
     ]
 )
+
+# A day: clocks and time zones of the systems that log interactions disagree by hours, not more.
+DEFAULT_FUTURE_TOLERANCE_S = 24 * 3600
 
 _PARSERS = {"user_id": parse_ids, "item_id": parse_ids, "timestamp": parse_timestamps, "evaluation": parse_booleans}
 _COLUMN_RANK = {c: i for i, c in enumerate((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS))}
@@ -124,9 +130,18 @@ def _read_parquet(path: Path, file: str) -> tuple[dict[str, pa.Array], np.ndarra
     return columns, np.arange(table.num_rows, dtype=np.int64), ignored
 
 
-def read_interactions(path: str | Path, *, file: str | None = None, quarantine: bool = False) -> InteractionBatch:
-    """Validate an interactions file; see the module docstring. ``file`` names it in messages."""
+def read_interactions(
+    path: str | Path,
+    *,
+    file: str | None = None,
+    quarantine: bool = False,
+    future_tolerance_s: float | None = DEFAULT_FUTURE_TOLERANCE_S,
+) -> InteractionBatch:
+    """Validate an interactions file; see the module docstring. ``file`` names it in messages.
+    ``future_tolerance_s``: how far past now a timestamp may lie (None: no limit but the year 3000)."""
     path = Path(path)
+    max_ts = None if future_tolerance_s is None else int(time.time() + future_tolerance_s)
+    parsers = {**_PARSERS, "timestamp": functools.partial(parse_timestamps, max_ts=max_ts)}
     file = file or path.name
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -145,7 +160,7 @@ def read_interactions(path: str | Path, *, file: str | None = None, quarantine: 
     parsed: dict[str, ParsedColumn] = {}
     for name, raw in columns.items():
         try:
-            parsed[name] = _PARSERS[name](raw)
+            parsed[name] = parsers[name](raw)
         except UnsupportedColumnType as exc:
             raise InputFileError([Problem(file, None, name, None, "wrong type", str(exc))]) from None
 

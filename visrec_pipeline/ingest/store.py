@@ -4,7 +4,9 @@ A batch is one input file: the dataset's initial file is batch ``initial``,
 each later file (e.g. from ``incoming/``) gets its own id. Writing a batch
 deletes whatever that batch wrote before and inserts the new rows in one
 transaction, so a re-run never duplicates and a failure or a kill mid-way
-leaves the previous state.
+leaves the previous state. A batch with no rows, or one that would shrink
+``raw_interactions`` by more than the policy's share, is refused unless the
+policy allows shrinking (``shrink_guard.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow as pa
 from visrec_pipeline import db
 from visrec_pipeline.db import query_df, query_one, run_sql
 from visrec_pipeline.ingest.interactions_file import InteractionBatch, read_interactions
+from visrec_pipeline.ingest.shrink_guard import ShrinkPolicy, check_batch_size
 
 INITIAL_BATCH = "initial"
 
@@ -43,9 +46,15 @@ def _rejects_table(batch: InteractionBatch) -> pa.Table:
 
 
 def write_batch(
-    conn: duckdb.DuckDBPyConnection, batch_id: str, batch: InteractionBatch, *, source_file: str | None = None
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    batch: InteractionBatch,
+    *,
+    source_file: str | None = None,
+    shrink_policy: ShrinkPolicy = ShrinkPolicy(),
 ) -> None:
-    """Replace batch ``batch_id`` with ``batch`` in one transaction."""
+    """Replace batch ``batch_id`` with ``batch`` in one transaction (``BatchShrinkRefused``, nothing
+    written, when ``shrink_policy`` does not allow what that does to the row count)."""
     if not batch_id:
         raise ValueError("batch_id must be a non-empty string")
     ensure_tables(conn)
@@ -62,6 +71,8 @@ def write_batch(
     conn.register("batch_rejects", _rejects_table(batch))
     try:
         with db.transaction(conn):
+            sizes = query_one(conn, "ingest_batch_sizes", {"batch_id": batch_id})
+            check_batch_size(batch, batch_id, params["source_file"], **sizes, policy=shrink_policy)
             run_sql(conn, "ingest_write_batch", params)
     finally:
         conn.unregister("batch_rows")
@@ -75,17 +86,20 @@ def ingest_batch(
     *,
     quarantine: bool = False,
     source_file: str | None = None,
+    shrink_policy: ShrinkPolicy = ShrinkPolicy(),
 ) -> InteractionBatch:
     """Validate ``path`` and replace batch ``batch_id`` with its rows.
 
     ``source_file`` (default: the file name) names the file in messages and in
     ``raw_interactions.source_file``, e.g. ``incoming/2021-06.csv``. Raises
     ``InputFileError`` (nothing written) when the file has bad rows and
-    ``quarantine`` is off. Callers that hold ``conn`` should prefer
-    ``read_interactions`` with the connection closed, then ``write_batch``.
+    ``quarantine`` is off, ``BatchShrinkRefused`` (nothing written) when it
+    has no rows or shrinks the data more than ``shrink_policy`` allows.
+    Callers that hold ``conn`` should prefer ``read_interactions`` with the
+    connection closed, then ``write_batch``.
     """
     batch = read_interactions(path, file=source_file, quarantine=quarantine)
-    write_batch(conn, batch_id, batch, source_file=source_file)
+    write_batch(conn, batch_id, batch, source_file=source_file, shrink_policy=shrink_policy)
     return batch
 
 

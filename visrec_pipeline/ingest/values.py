@@ -6,13 +6,15 @@ loops over rows in Python. Text rules:
 - timestamps: an integer is unix seconds; anything else must be an ISO-8601
   date or date-time (naive ones are read as UTC; fractions of a second are
   dropped); before 1970 or after the year 3000 (milliseconds by mistake) is
-  refused;
+  refused, and so is anything later than ``max_ts`` when the caller gives one
+  (now plus a tolerance: a future interaction would become its user's holdout);
 - evaluation: true/false, t/f, yes/no, y/n, 1/0 (any case, also 1.0/0.0).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
@@ -33,6 +35,7 @@ TOO_LARGE = 4
 NOT_A_DATE = 5
 NOT_WHOLE = 6
 NOT_BOOLEAN = 7
+IN_FUTURE = 8
 
 # (short reason, message template) per (kind, code); {value} is the shown cell value.
 _MESSAGES = {
@@ -50,6 +53,10 @@ _MESSAGES = {
         TOO_LARGE: (
             "after year 3000",
             "{value} is after the year 3000: unix timestamps must be in seconds (milliseconds?)",
+        ),
+        IN_FUTURE: (
+            "in the future",
+            "{value} is in the future: later than {max_ts} (now plus the future_tolerance_hours setting)",
         ),
     },
     "boolean": {
@@ -72,6 +79,7 @@ class ParsedColumn:
     raw: pa.Array  # the input, to show bad values
     values: np.ndarray  # int64 or bool; meaningless where ``codes != OK``
     codes: np.ndarray  # uint8 problem code per row
+    details: dict[str, str] = field(default_factory=dict)  # more fields of the message templates
 
     @property
     def bad(self) -> np.ndarray:
@@ -84,7 +92,7 @@ class ParsedColumn:
         raw = self.raw[index].as_py()
         value = None if raw is None else str(raw)
         shown = show_value(value if value is not None else "")
-        return reason, value, template.format(value=shown)
+        return reason, value, template.format(value=shown, **self.details)
 
 
 def _np(mask) -> np.ndarray:
@@ -213,7 +221,21 @@ def _iso_to_seconds(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return seconds.astype(np.int64), ok
 
 
-def parse_timestamps(arr: pa.Array) -> ParsedColumn:
+def _utc_text(ts: int) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamps(arr: pa.Array, max_ts: int | None = None) -> ParsedColumn:
+    """Unix seconds of ``arr``; values after ``max_ts`` (unix seconds, when given) are refused as
+    being in the future."""
+    column = _parse_timestamps(arr)
+    if max_ts is not None:
+        column.codes[(column.codes == OK) & (column.values > max_ts)] = IN_FUTURE
+        column.details["max_ts"] = _utc_text(max_ts)
+    return column
+
+
+def _parse_timestamps(arr: pa.Array) -> ParsedColumn:
     arr = _decode(arr)
     t, n = arr.type, len(arr)
     if _is_text(t):
