@@ -92,7 +92,10 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
     ) -> dg.MaterializeResult:
         trained = train_model(settings.workspace, name, _to_model_config(spec, config), log=context.log)
-        return dg.MaterializeResult(metadata=_training_metadata(trained))
+        # the checkpoint's own hash: a retraining (new data or new config) is a new version downstream
+        return dg.MaterializeResult(
+            metadata=_training_metadata(trained), data_version=dg.DataVersion(trained.checkpoint_sha256[:16])
+        )
 
     @dg.asset(
         name=f"evaluation_{name}",
@@ -123,6 +126,7 @@ def _training_metadata(trained: TrainedModel) -> dict:
     metadata = {
         "train_seconds": dg.MetadataValue.float(round(trained.train_seconds, 3)),
         "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
+        "checkpoint_sha256": trained.checkpoint_sha256,
         "config": dg.MetadataValue.json(trained.config),
         "data_versions": dg.MetadataValue.json(trained.versions),
         "lineage": dg.MetadataValue.json(trained.lineage),
