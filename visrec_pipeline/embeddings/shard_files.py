@@ -39,6 +39,11 @@ class DamagedShardError(ValueError):
         )
 
 
+# (path, size, mtime_ns) -> SHA-256 this process has verified; small: a few files per feature set
+_verified: dict[tuple[str, int, int], str] = {}
+_verified_lock = threading.Lock()
+
+
 @dataclass(frozen=True)
 class FileDigest:
     bytes: int
@@ -46,7 +51,12 @@ class FileDigest:
 
 
 def digest(path: str | os.PathLike) -> FileDigest:
-    return FileDigest(os.stat(path).st_size, file_sha256(path))
+    """Size and SHA-256 of the file as it is now (which this process then counts as verified)."""
+    st = os.stat(path)
+    result = FileDigest(st.st_size, file_sha256(path))
+    with _verified_lock:
+        _verified[(str(path), st.st_size, st.st_mtime_ns)] = result.sha256
+    return result
 
 
 def structure_problem(path: str | os.PathLike) -> str | None:
@@ -64,11 +74,6 @@ def structure_problem(path: str | os.PathLike) -> str | None:
     if actual != expected:
         return f"{actual:,} bytes, its header says {expected:,}"
     return None
-
-
-# (path, size, mtime_ns) -> SHA-256 this process has verified; small: a few files per feature set
-_verified: dict[tuple[str, int, int], str] = {}
-_verified_lock = threading.Lock()
 
 
 def verify(path: Path, backbone: str, expected: FileDigest | None) -> None:
