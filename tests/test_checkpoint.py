@@ -92,7 +92,7 @@ def test_save_refuses_non_plain_values_and_keeps_the_old_file(tmp_path):
     with pytest.raises(CheckpointError, match="str keys"):
         save_checkpoint(path, state={"w": torch.zeros(3)}, extra={1: 2}, **common)
     assert path.read_bytes() == before, "a failed save leaves the previous checkpoint intact"
-    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "m.pt.sha256"]  # the checkpoint and its hash, no temp file
 
 
 def test_plain_conversion_views_tuples_and_dataclasses(tmp_path):

@@ -11,6 +11,8 @@ LIBRARY = (
     "visrec_pipeline.db",
     "visrec_pipeline.atomic",
     "visrec_pipeline.processes",
+    "visrec_pipeline.diskspace",
+    "visrec_pipeline.step_memory",
     "visrec_pipeline.lineage",
     "visrec_pipeline.model_io",
     "visrec_pipeline.demo",

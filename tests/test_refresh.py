@@ -166,6 +166,16 @@ def test_later_batch_refreshes_only_the_delta(env):
         m = _meta(refresh, f"embeddings_{backbone}")
         assert m["computed"] == len(new_items) and m["reused"] == len(items_before)
 
+    # an evaluation asked for now, before the models retrain, is refused: the split moved under the checkpoint
+    stale = dg.materialize(
+        _assets(defs), selection=[dg.AssetKey("evaluation_vbpr")], resources=resources, instance=instance,
+        raise_on_error=False,
+    )
+    (refused,) = stale.get_step_failure_events()
+    message = refused.event_specific_data.error.to_string()  # the wrapped error and its cause
+    assert "trained on other data" in message and "table split_train" in message
+    assert "re-materialize model_vbpr" in message
+
     # 4. after the cron tick the models retrain; evaluation and report follow them in the same run
     later = now + dt.timedelta(days=1, minutes=2)
     auto = dg.evaluate_automation_conditions(

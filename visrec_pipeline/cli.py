@@ -70,8 +70,19 @@ def run_demo(in_process: bool = False) -> int:
         elapsed = time.perf_counter() - started
         failed = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        causes, follow_up = {}, None
+        if not result.success:
+            from visrec_pipeline.defs.after_failure import failure_causes, report_after_failure
+
+            # a crashed step's signal and peak memory; then the report of the models that finished
+            causes = failure_causes(instance, result.run_id)
+            follow_up = report_after_failure(instance, result.run_id)
     for event in failed:
-        print(f"FAILED step {event.step_key}: {event.event_specific_data.error.message.strip()}", file=sys.stderr)
+        cause = causes.get(event.step_key) or event.event_specific_data.error.message.strip()
+        print(f"FAILED step {event.step_key}: {cause}", file=sys.stderr)
+    if follow_up is not None:
+        print(f"Report of the models that finished: run {follow_up.run_id} "
+              f"{'succeeded' if follow_up.success else 'FAILED'}", file=sys.stderr)
     failed_checks = [
         e.event_specific_data for e in checks if not e.event_specific_data.passed
     ]

@@ -101,6 +101,9 @@ def _embedding_metadata(
         "shards": committed.n_shards,
         "compacted_into": committed.compacted_into or "no compaction",
         "shard_files_removed": committed.files_removed,
+        "damaged_shard_files": dg.MetadataValue.json(
+            {shard: str(err.path) for shard, err in sorted(plan.shard_check.damaged.items())}
+        ),
         "features_dir": dg.MetadataValue.path(str(ws.features_dir / spec.name)),
         "image_status": dg.MetadataValue.md(statuses.to_markdown(index=False) if len(statuses) else "no images"),
         "read_failures": dg.MetadataValue.md(failures_md),
@@ -145,9 +148,12 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             _loud(context, choice.warning)
         context.log.info(f"{spec.name}: weights {choice.used} (tag {choice.tag})")
 
-        # 1. What to compute (connection held only for the reads).
-        with duckdb.get_connection() as conn:
-            plan = update.plan(conn, ws.features_dir, backbone)
+        # 1. What to compute (connection held only for the reads; shard files hashed without it).
+        plan = update.plan(duckdb.get_connection, ws.features_dir, backbone)
+        for damaged in plan.shard_check.damaged.values():
+            context.log.warning(
+                f"feature shard file {damaged.path} is damaged ({damaged.problem}): recomputing the items it held"
+            )
         context.log.info(f"{spec.name}: {len(plan.todo)} of {plan.n_ok} ok images to compute, {plan.n_reused} reused")
 
         # 2. Extract with no connection held; the new shard appears only once complete.

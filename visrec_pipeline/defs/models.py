@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 
+from visrec_pipeline.defs.after_failure import recording_step_memory
 from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
 from visrec_pipeline.defs.resources import VisrecSettings
@@ -93,8 +94,12 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
     ) -> dg.MaterializeResult:
         remove_leftover_temps(context, settings.workspace.models_dir / name)
-        trained = train_model(settings.workspace, name, _to_model_config(spec, config), log=context.log)
-        return dg.MaterializeResult(metadata=_training_metadata(trained))
+        with recording_step_memory(context):  # a step the OS kills still tells its peak memory
+            trained = train_model(settings.workspace, name, _to_model_config(spec, config), log=context.log)
+        # the checkpoint's own hash: a retraining (new data or new config) is a new version downstream
+        return dg.MaterializeResult(
+            metadata=_training_metadata(trained), data_version=dg.DataVersion(trained.checkpoint_sha256[:16])
+        )
 
     @dg.asset(
         name=f"evaluation_{name}",
@@ -107,14 +112,15 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
     def evaluation_asset(
         context: dg.AssetExecutionContext, config: EvaluationConfig, settings: VisrecSettings
     ) -> dg.MaterializeResult:
-        evaluation = evaluate_model(
-            settings.workspace,
-            name,
-            ks=config.ks,
-            protocol=config.protocol,
-            batch_size=config.batch_size,
-            log=context.log,
-        )
+        with recording_step_memory(context):
+            evaluation = evaluate_model(
+                settings.workspace,
+                name,
+                ks=config.ks,
+                protocol=config.protocol,
+                batch_size=config.batch_size,
+                log=context.log,
+            )
         return dg.MaterializeResult(metadata=_evaluation_metadata(evaluation))
 
     return model_asset, evaluation_asset
@@ -125,6 +131,7 @@ def _training_metadata(trained: TrainedModel) -> dict:
     metadata = {
         "train_seconds": dg.MetadataValue.float(round(trained.train_seconds, 3)),
         "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
+        "checkpoint_sha256": trained.checkpoint_sha256,
         "config": dg.MetadataValue.json(trained.config),
         "data_versions": dg.MetadataValue.json(trained.versions),
         "lineage": dg.MetadataValue.json(trained.lineage),
@@ -166,6 +173,10 @@ def _evaluation_metadata(evaluation: ModelEvaluation) -> dict:
 
 class RecommendationsConfig(dg.Config):
     k: int = pydantic.Field(default=20, description="items stored per user and model")
+    models: list[str] = pydantic.Field(
+        default=[],
+        description="models to recommend with; empty: every model (a run after failed model steps leaves those out)",
+    )
 
 
 def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
@@ -180,12 +191,16 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
     def recommendations(
         context: dg.AssetExecutionContext, config: RecommendationsConfig, settings: VisrecSettings
     ) -> dg.MaterializeResult:
-        recs = recommend_all(settings.workspace, model_names, config.k)
+        unknown = sorted(set(config.models) - set(model_names))
+        if unknown:
+            raise dg.Failure(f"recommendations: unknown models {unknown} (known: {model_names})")
+        names = [n for n in model_names if n in config.models] if config.models else model_names
+        recs = recommend_all(settings.workspace, names, config.k)
         sample = recs[recs["rank"] <= 5].groupby("model").head(5)
         return dg.MaterializeResult(
             metadata={
                 "rows": len(recs),
-                "models": len(model_names),
+                "models": len(names),
                 "k": config.k,
                 "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
             }

@@ -21,6 +21,8 @@ class BenchmarkReportConfig(dg.Config):
     grid_users: int = DEFAULT_GRID_USERS
     grid_model: str = ""  # empty: the model with the best nDCG@20
     attention_users: int = DEFAULT_ATTENTION_USERS  # users in the ACF attention panel (0: no panel)
+    # model -> why its step failed: left out of the table and named (set by the run after a failed run)
+    failed_models: dict[str, str] = {}
 
 
 @dg.asset(
@@ -42,12 +44,15 @@ def benchmark_report(
         grid_users=config.grid_users,
         grid_model=config.grid_model,
         attention_users=config.attention_users,
+        failed_models=config.failed_models,
     )
     metadata = {
         "benchmark": dg.MetadataValue.md(report.markdown),
         "report_file": dg.MetadataValue.path(str(report.path)),
         "models": len(report.table),
     }
+    if config.failed_models:
+        metadata["failed_models"] = dg.MetadataValue.json(config.failed_models)
     if report.plots_markdown:
         metadata["metric_by_profile_size"] = dg.MetadataValue.md("\n\n".join(report.plots_markdown))
     if report.grids_markdown:

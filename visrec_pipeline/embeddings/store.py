@@ -6,17 +6,21 @@ item ids ``int64 [n]`` (a cross-check of the index). Every extraction run writes
 (temp files renamed into place once complete), then points the index rows at it in one
 transaction; shards nobody references any more are deleted afterwards. Readers memory-map the
 shards (``np.load(mmap_mode='r', allow_pickle=False)``) and only serve rows whose image is still
-``ok`` with the same content hash, computed with the backbone's current weights.
+``ok`` with the same content hash, computed with the backbone's current weights. Every shard file's
+size and SHA-256 are recorded with the index rows and checked before the file is read
+(:mod:`~visrec_pipeline.embeddings.shard_files`); the free space is checked and the disk blocks
+reserved before a shard is written, so a full disk is an ``OSError(ENOSPC)``, not a SIGBUS.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 import time
 import uuid
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,6 +31,9 @@ import pandas as pd
 
 from visrec_pipeline import db
 from visrec_pipeline.atomic import atomic_path
+from visrec_pipeline.diskspace import no_space_error, require_free_space, reserve
+from visrec_pipeline.embeddings import shard_files
+from visrec_pipeline.embeddings.shard_files import DamagedShardError, FileDigest
 
 KINDS = ("ids", "pooled", "spatial")
 _SHARD = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
@@ -73,8 +80,10 @@ class ShardWriter:
     """Writes one new shard (one row per entry of ``item_ids``) through memory-mapped temp files.
 
     Use as a context manager: on a clean exit the files are fsynced and renamed into place
-    (``shard`` is then set); on an error they are removed. Rows never written stay zero.
+    (``shard`` and ``digests`` are then set); on an error they are removed. Rows never written stay zero.
     """
+
+    HEADER_BYTES = 4096  # an upper bound of one .npy header, for the free-space check
 
     def __init__(self, features_dir: str | Path, backbone: str, weights_tag: str, item_ids: np.ndarray):
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
@@ -83,20 +92,34 @@ class ShardWriter:
         self._stack = ExitStack()
         self._arrays: dict[str, np.memmap] = {}
         self.shard: str | None = None
+        self.digests: dict[str, FileDigest] = {}  # kind -> size and SHA-256 of the files written
 
     def __enter__(self) -> "ShardWriter":
         self._stack.__enter__()
         return self
 
     def _open(self, kind: str, shape: tuple[int, ...], dtype) -> np.memmap:
-        tmp = self._stack.enter_context(atomic_path(self._paths[kind], suffix=".npy"))
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        final = self._paths[kind]
+        tmp = self._stack.enter_context(atomic_path(final, suffix=".npy"))
+        try:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise no_space_error(final, int(np.prod(shape)) * np.dtype(dtype).itemsize) from exc
+            raise
         self._arrays[kind] = arr
+        # the file is sparse so far: a page written later on a full disk would be a SIGBUS
+        reserve(tmp, tmp.stat().st_size, report_as=final)
         return arr
+
+    def _require_space(self, pooled_row: tuple[int, ...], spatial_row: tuple[int, ...] | None) -> None:
+        row_bytes = 4 * int(np.prod(pooled_row)) + 8 + (2 * int(np.prod(spatial_row)) if spatial_row else 0)
+        require_free_space(self._paths["pooled"], len(self.item_ids) * row_bytes + 3 * self.HEADER_BYTES)
 
     def write(self, positions: np.ndarray, pooled: np.ndarray, spatial: np.ndarray | None) -> None:
         n = len(self.item_ids)
         if "pooled" not in self._arrays:
+            self._require_space(pooled.shape[1:], None if spatial is None else spatial.shape[1:])
             self._open("pooled", (n, *pooled.shape[1:]), np.float32)
             if spatial is not None:
                 self._open("spatial", (n, *spatial.shape[1:]), np.float16)
@@ -115,6 +138,8 @@ class ShardWriter:
             raise
         self._stack.__exit__(exc_type, exc, tb)
         if exc_type is None and self._paths["pooled"].exists():
+            # read back once (from the page cache): the reference every later read is checked against
+            self.digests = {k: shard_files.digest(p) for k, p in self._paths.items() if p.exists()}
             self.shard = self.name
         return False
 
@@ -134,11 +159,64 @@ def missing_shards(conn: duckdb.DuckDBPyConnection, features_dir: str | Path, ba
     )
 
 
+@dataclass(frozen=True)
+class ShardCheck:
+    """The shards one backbone's index references, checked file by file against their records."""
+
+    damaged: dict[str, DamagedShardError]  # shard -> the first damaged (or vanished) file found in it
+    first_digests: dict[tuple[str, str], dict[str, FileDigest]]  # (tag, shard) -> digests of unrecorded shards
+
+    @property
+    def damaged_shards(self) -> list[str]:
+        return sorted(self.damaged)
+
+
+def check_shards(
+    features_dir: str | Path,
+    backbone: str,
+    referenced: Iterable[tuple[str, str]],
+    records: dict[tuple[str, str], FileDigest],
+) -> ShardCheck:
+    """Hash every file of the ``referenced`` ``(weights_tag, shard)`` and compare with ``records``
+    (:func:`shard_files.recorded`); shards with no record (indexed before hashes were recorded) are
+    checked against their ``.npy`` headers and hashed for recording. Reads whole files: call it with
+    no connection held. A shard whose pooled file is gone is left to :func:`missing_shards`."""
+    damaged: dict[str, DamagedShardError] = {}
+    first: dict[tuple[str, str], dict[str, FileDigest]] = {}
+    for tag, shard in sorted(referenced):
+        paths = {k: shard_path(features_dir, backbone, tag, shard, k) for k in KINDS}
+        if not paths["pooled"].is_file():
+            continue
+        kinds = [k for k in KINDS if (shard, k) in records]
+        try:
+            if kinds:
+                for kind in kinds:
+                    if not paths[kind].is_file():
+                        raise DamagedShardError(paths[kind], backbone, "the file is gone")
+                    shard_files.verify(paths[kind], backbone, records[(shard, kind)])
+            else:
+                if not paths["ids"].is_file():
+                    raise DamagedShardError(paths["ids"], backbone, "the file is gone")
+                present = [k for k in KINDS if paths[k].is_file()]
+                for kind in present:
+                    shard_files.verify(paths[kind], backbone, None)
+                first[(tag, shard)] = {k: shard_files.digest(paths[k]) for k in present}
+        except DamagedShardError as exc:
+            damaged[shard] = exc
+    return ShardCheck(damaged, first)
+
+
 def todo_items(
-    conn: duckdb.DuckDBPyConnection, features_dir: str | Path, backbone: str, weights_tag: str, revision: int = 0
+    conn: duckdb.DuckDBPyConnection,
+    features_dir: str | Path,
+    backbone: str,
+    weights_tag: str,
+    revision: int = 0,
+    damaged_shards: Iterable[str] = (),
 ) -> pd.DataFrame:
-    """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag`` at ``revision``."""
-    missing = missing_shards(conn, features_dir, backbone)
+    """``item_id, content_hash, path`` of the ok images needing features under ``weights_tag`` at
+    ``revision`` (the items of ``damaged_shards`` included)."""
+    missing = sorted(set(missing_shards(conn, features_dir, backbone)) | set(damaged_shards))
     return db.query_df(
         conn,
         "embeddings_todo",
@@ -154,9 +232,16 @@ def commit_index(
     rows: pd.DataFrame,
     provenance: dict,
     revision: int = 0,
+    *,
+    digests: dict[str, FileDigest] | None = None,
+    unusable_shards: Iterable[str] = (),
+    first_digests: dict[tuple[str, str], dict[str, FileDigest]] | None = None,
 ) -> int:
     """Point the index at the new shard's ``rows`` (``item_id, row, content_hash``), drop rows of
-    other weights or of items no longer ok, record provenance; one transaction. Returns rows dropped."""
+    other weights, of items no longer ok and of ``unusable_shards`` (gone or damaged: the rows of
+    their items that were not recomputed), record the new shard's file ``digests``, the
+    ``first_digests`` of shards indexed before digests were recorded, and provenance; one
+    transaction. Returns rows dropped."""
     if len(rows) and not shard:
         raise ValueError("index rows given without the shard that holds them")
     ensure_tables(conn)
@@ -168,6 +253,12 @@ def commit_index(
         with db.transaction(conn):
             before = conn.execute("SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]).fetchone()[0]
             db.run_sql(conn, "embeddings_prune", {"backbone": backbone, "weights_tag": weights_tag})
+            unusable = sorted(set(unusable_shards))
+            if unusable:
+                conn.execute(
+                    "DELETE FROM embedding_index WHERE backbone = ? AND list_contains(?::VARCHAR[], shard)",
+                    [backbone, unusable],
+                )
             pruned = before - conn.execute(
                 "SELECT count(*) FROM embedding_index WHERE backbone = ?", [backbone]
             ).fetchone()[0]
@@ -178,6 +269,10 @@ def commit_index(
                     'SELECT backbone, weights_tag, item_id, shard, "row", content_hash, now()::TIMESTAMP, revision '
                     "FROM _new_embedding_rows"
                 )
+                if digests:
+                    shard_files.record(conn, backbone, weights_tag, shard, digests)
+            for (tag, old_shard), old_digests in (first_digests or {}).items():
+                shard_files.record(conn, backbone, tag, old_shard, old_digests)
             p = provenance
             conn.execute(
                 "INSERT OR REPLACE INTO embedding_provenance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
@@ -208,6 +303,7 @@ def remove_unreferenced(
 ) -> int:
     """Delete shard files the index no longer references: at once for shards this run superseded,
     after ``orphan_age_s`` for anything else (a concurrent writer's shard may not be committed yet)."""
+    shard_files.forget_unreferenced(conn, backbone)
     referenced = {(safe_tag(t), s) for t, s in referenced_shards(conn, backbone)}
     referenced_tags = {t for t, _ in referenced}
     superseded = {(safe_tag(t), s) for t, s in superseded}
@@ -252,14 +348,16 @@ def compact(
             'SELECT item_id, shard, "row" FROM embedding_index WHERE backbone = ? AND weights_tag = ? ORDER BY item_id',
             [backbone, tag],
         ).df()
+        records = shard_files.recorded(conn, backbone)
     if rows["shard"].nunique() <= max_shards:
         return None
     item_ids = rows["item_id"].to_numpy(np.int64)
     with ShardWriter(features_dir, backbone, tag, item_ids) as writer:
         for shard, group in rows.groupby("shard", sort=True):
-            pooled = np.load(shard_path(features_dir, backbone, tag, shard, "pooled"), mmap_mode="r", allow_pickle=False)
+            # checked first: a damaged shard copied into a new one would get a valid hash
+            pooled = _map_checked(features_dir, backbone, tag, shard, "pooled", records)
             spath = shard_path(features_dir, backbone, tag, shard, "spatial")
-            spatial = np.load(spath, mmap_mode="r", allow_pickle=False) if spath.exists() else None
+            spatial = _map_checked(features_dir, backbone, tag, shard, "spatial", records) if spath.exists() else None
             dst_all = group.index.to_numpy()
             src_all = group["row"].to_numpy(np.int64)
             for lo in range(0, len(src_all), chunk):
@@ -279,6 +377,7 @@ def compact(
                     'AND embedding_index."row" = m.old_row',
                     [writer.shard, backbone, tag],
                 )
+                shard_files.record(conn, backbone, tag, writer.shard, writer.digests)
         finally:
             conn.unregister("_compacted_rows")
     return writer.shard
@@ -356,6 +455,7 @@ class FeatureSnapshot:
     features_dir: Path
     provenance: dict
     served: pd.DataFrame  # item_id (sorted), weights_tag, shard, row
+    digests: dict[tuple[str, str], FileDigest] = field(default_factory=dict)  # (shard, kind) -> recorded digest
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -363,7 +463,7 @@ class FeatureSnapshot:
 
     def pooled(self, item_ids) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.provenance["pooled_dim"],)
-        return _gather(self.features_dir, self.backbone, self.served, _ids(item_ids), "pooled", shape, np.float32)
+        return _gather(self, _ids(item_ids), "pooled", shape, np.float32)
 
     def iter_pooled(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(item_ids, pooled float32 [n, d])`` of every served item in chunks, shard by shard, read
@@ -374,7 +474,7 @@ class FeatureSnapshot:
         for (tag, shard), group in self.served.groupby(["weights_tag", "shard"], sort=False):
             group = group.sort_values("row", kind="stable")
             rows, ids = group["row"].to_numpy(np.int64), group["item_id"].to_numpy(np.int64)
-            arr = _open_shard(self.features_dir, self.backbone, tag, shard, "pooled", shape, rows, ids)
+            arr = _open_shard(self, tag, shard, "pooled", shape, rows, ids)
             for lo in range(0, len(rows), chunk):
                 yield ids[lo : lo + chunk], arr[rows[lo : lo + chunk]]
 
@@ -382,7 +482,7 @@ class FeatureSnapshot:
         if self.provenance.get("spatial_regions") is None:
             raise FeaturesNotFoundError(f"backbone {self.backbone!r} stores no spatial features")
         shape = (self.provenance["spatial_regions"], self.provenance["spatial_channels"])
-        return _gather(self.features_dir, self.backbone, self.served, _ids(item_ids), "spatial", shape, np.float16)
+        return _gather(self, _ids(item_ids), "spatial", shape, np.float16)
 
 
 def _ids(item_ids) -> np.ndarray:
@@ -392,14 +492,20 @@ def _ids(item_ids) -> np.ndarray:
 def snapshot(conn_or_path, features_dir, backbone: str) -> FeatureSnapshot:
     """Read the index (``conn_or_path``: an open DuckDB connection or the database path)."""
     if isinstance(conn_or_path, duckdb.DuckDBPyConnection):
-        prov, served = _provenance_or_raise(conn_or_path, backbone), _served_rows(conn_or_path, backbone)
-    else:
-        with db.connect(conn_or_path) as conn:
-            prov, served = _provenance_or_raise(conn, backbone), _served_rows(conn, backbone)
-    return FeatureSnapshot(backbone, Path(features_dir), prov, served)
+        return _snapshot(conn_or_path, features_dir, backbone)
+    with db.connect(conn_or_path) as conn:
+        return _snapshot(conn, features_dir, backbone)
 
 
-def _gather(features_dir, backbone: str, served: pd.DataFrame, item_ids: np.ndarray, kind: str, shape, dtype):
+def _snapshot(conn: duckdb.DuckDBPyConnection, features_dir, backbone: str) -> FeatureSnapshot:
+    prov, served = _provenance_or_raise(conn, backbone), _served_rows(conn, backbone)
+    # a database not yet touched by an embeddings run of this version has no digests: headers are checked
+    digests = shard_files.recorded(conn, backbone) if db.table_exists(conn, "embedding_shard_files") else {}
+    return FeatureSnapshot(backbone, Path(features_dir), prov, served, digests)
+
+
+def _gather(snap: FeatureSnapshot, item_ids: np.ndarray, kind: str, shape, dtype):
+    served = snap.served
     out = np.zeros((len(item_ids), *shape), dtype=dtype)
     mask = np.zeros(len(item_ids), dtype=bool)
     if served.empty or len(item_ids) == 0:
@@ -420,17 +526,25 @@ def _gather(features_dir, backbone: str, served: pd.DataFrame, item_ids: np.ndar
         group = group.sort_values("row", kind="stable")  # sequential reads from the memory map
         rows = group["row"].to_numpy(np.int64)
         dst = group["dst"].to_numpy(np.int64)
-        out[dst] = _open_shard(features_dir, backbone, tag, shard, kind, shape, rows, item_ids[dst])[rows]
+        out[dst] = _open_shard(snap, tag, shard, kind, shape, rows, item_ids[dst])[rows]
         mask[dst] = True
     return out, mask
 
 
-def _open_shard(features_dir, backbone: str, tag: str, shard: str, kind: str, shape, rows, expected_ids) -> np.ndarray:
-    """The memory-mapped ``kind`` array of a shard, after checking that ``rows`` hold ``expected_ids``."""
-    ids = np.load(shard_path(features_dir, backbone, tag, shard, "ids"), mmap_mode="r", allow_pickle=False)
+def _map_checked(features_dir, backbone: str, tag: str, shard: str, kind: str, records) -> np.ndarray:
+    """A shard file memory-mapped after checking it against its recorded digest (or its header)."""
+    path = shard_path(features_dir, backbone, tag, shard, kind)
+    shard_files.verify(path, backbone, records.get((shard, kind)))
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _open_shard(snap: FeatureSnapshot, tag: str, shard: str, kind: str, shape, rows, expected_ids) -> np.ndarray:
+    """The memory-mapped ``kind`` array of a shard, after checking both files and that ``rows`` hold ``expected_ids``."""
+    features_dir, backbone = snap.features_dir, snap.backbone
+    ids = _map_checked(features_dir, backbone, tag, shard, "ids", snap.digests)
     if rows.max() >= len(ids) or not np.array_equal(ids[rows], expected_ids):
         raise ValueError(f"feature shard {backbone}/{shard} does not hold the items the index says (corrupt store)")
-    arr = np.load(shard_path(features_dir, backbone, tag, shard, kind), mmap_mode="r", allow_pickle=False)
+    arr = _map_checked(features_dir, backbone, tag, shard, kind, snap.digests)
     if arr.shape[1:] != tuple(shape):
         raise ValueError(f"feature shard {backbone}/{shard} {kind} has shape {arr.shape[1:]}, expected {tuple(shape)}")
     return arr

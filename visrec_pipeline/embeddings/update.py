@@ -1,10 +1,13 @@
 """One backbone's features brought up to date: the steps of an ``embeddings_<backbone>`` asset.
 
-1. :func:`plan` (connection held for the reads): which ok images need features.
+1. :func:`plan` (connection held for the reads only): check the shard files against their
+   recorded hashes (no connection held), then which ok images need features, the items of a
+   damaged shard included.
 2. :func:`extract` (no connection held): their features, into one new shard that appears only
    once complete.
-3. :func:`commit`: point the index at the new rows (one transaction), compact the shards when
-   there are too many, delete superseded shard files, and read back what is now served.
+3. :func:`commit`: point the index at the new rows and record the new files' hashes (one
+   transaction), compact the shards when there are too many, delete superseded (and damaged)
+   shard files, and read back what is now served.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pandas as pd
 from visrec_pipeline.embeddings import store
 from visrec_pipeline.embeddings.backbones import output_shapes
 from visrec_pipeline.embeddings.extract import ExtractStats, LoadedBackbone, extract_features
+from visrec_pipeline.embeddings.shard_files import FileDigest, recorded
 from visrec_pipeline.embeddings.thumbnails import thumbnail_path
 from visrec_pipeline.images import table as images_table
 
@@ -32,6 +36,7 @@ class Plan:
     todo: pd.DataFrame  # item_id, content_hash, path of the ok images to compute
     image_status: pd.DataFrame  # status, items, example_reason over item_images
     shards_before: set[tuple[str, str]]  # (weights_tag, shard) the index referenced before this run
+    shard_check: store.ShardCheck  # damaged shards (their items are in todo) and first hashes of old shards
 
     @property
     def n_ok(self) -> int:
@@ -46,14 +51,21 @@ class Plan:
         return self.n_ok - len(self.todo)
 
 
-def plan(conn: duckdb.DuckDBPyConnection, features_dir: Path, backbone: LoadedBackbone) -> Plan:
+def plan(connect: Connect, features_dir: Path, backbone: LoadedBackbone) -> Plan:
     """The ok images needing features under ``backbone``'s weights and revision (new, changed,
-    other weights, lost shard, older revision)."""
+    other weights, lost or damaged shard, older revision)."""
     spec = backbone.spec
-    images_table.require_table(conn)
-    store.ensure_tables(conn)
-    todo = store.todo_items(conn, features_dir, spec.name, backbone.weights.tag, spec.revision)
-    return Plan(todo, images_table.status_counts(conn), store.referenced_shards(conn, spec.name))
+    with connect() as conn:
+        images_table.require_table(conn)
+        store.ensure_tables(conn)
+        shards_before = store.referenced_shards(conn, spec.name)
+        records = recorded(conn, spec.name)
+    check = store.check_shards(features_dir, spec.name, shards_before, records)
+    with connect() as conn:
+        todo = store.todo_items(
+            conn, features_dir, spec.name, backbone.weights.tag, spec.revision, damaged_shards=check.damaged_shards
+        )
+        return Plan(todo, images_table.status_counts(conn), shards_before, check)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Extraction:
     shard: str | None  # the new shard; None when nothing was written
     rows: pd.DataFrame  # item_id, row, content_hash of the images read, rows of ``shard``
     failures: list[tuple[int, str]]  # (item_id, error) of the images that could not be read
+    digests: dict[str, FileDigest]  # kind -> size and SHA-256 of the new shard's files
 
 
 def extract(
@@ -87,7 +100,7 @@ def extract(
         {"item_id": item_ids[good], "row": np.flatnonzero(good), "content_hash": plan.todo["content_hash"].to_numpy()[good]}
     )
     failures = [(int(item_ids[p]), e) for p, e in stats.failures]
-    return Extraction(stats, writer.shard, rows, failures)
+    return Extraction(stats, writer.shard, rows, failures, writer.digests)
 
 
 def provenance(backbone: LoadedBackbone) -> dict:
@@ -139,7 +152,18 @@ def commit(
 
     compacted = None
     with connect() as conn:
-        pruned = store.commit_index(conn, spec.name, tag, extraction.shard, extraction.rows, provenance, spec.revision)
+        pruned = store.commit_index(
+            conn,
+            spec.name,
+            tag,
+            extraction.shard,
+            extraction.rows,
+            provenance,
+            spec.revision,
+            digests=extraction.digests,
+            unusable_shards=plan.shard_check.damaged_shards,
+            first_digests=plan.shard_check.first_digests,
+        )
         compact = len(store.referenced_shards(conn, spec.name)) > max_shards
         if not compact:
             tidied = tidy(conn)

@@ -21,6 +21,7 @@ from visrec_pipeline.pipeline.evaluation import (
     evaluate_model,
 )
 from visrec_pipeline.pipeline.provenance import TrainingProvenance, feature_provenance, read_training_provenance
+from visrec_pipeline.pipeline.staleness import StaleCheckpointError, VersionChange
 from visrec_pipeline.pipeline.recommendations import recommend_all, recommendations_of
 from visrec_pipeline.pipeline.trained import LoadedModel, checkpoint_path, load_trained
 from visrec_pipeline.pipeline.training import TrainedModel, train_model
@@ -31,8 +32,10 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "LoadedModel",
     "ModelEvaluation",
+    "StaleCheckpointError",
     "TrainedModel",
     "TrainingProvenance",
+    "VersionChange",
     "checkpoint_path",
     "cold_items",
     "evaluate_model",

@@ -1,4 +1,10 @@
-"""Where a trained model's checkpoint lives and how it comes back ready to score (no dagster)."""
+"""Where a trained model's checkpoint lives and how it comes back ready to score (no dagster).
+
+A checkpoint comes back only when its bytes match the hash recorded when it was written
+(:mod:`visrec_pipeline.recsys.checkpoint`) and it was trained on the data the workspace holds now
+(:mod:`visrec_pipeline.pipeline.staleness`); evaluation, recommendations and the report's ACF panel
+all load models here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from visrec_pipeline import db
 from visrec_pipeline.model_io import build_inputs, load_rec_data
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.recsys.base import FitInputs, Recommender
-from visrec_pipeline.recsys.checkpoint import load_checkpoint
+from visrec_pipeline.pipeline.staleness import StaleCheckpointError, changed_versions, current_versions
+from visrec_pipeline.recsys.checkpoint import CheckpointError, load_checkpoint
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.registry import build_model, get_spec
 
@@ -30,11 +37,19 @@ def checkpoint_path(ws: Workspace, name: str) -> Path:
 
 def load_trained(ws: Workspace, name: str, *, log: logging.Logger | None = None) -> LoadedModel:
     """Model ``name`` restored from its checkpoint, attached to the workspace's current data;
-    ``log`` (optional) receives the model's log messages."""
-    ckpt = load_checkpoint(checkpoint_path(ws, name))
+    ``log`` (optional) receives the model's log messages. A damaged checkpoint is a
+    :class:`CheckpointError`, one trained on other data a :class:`StaleCheckpointError`."""
+    path = checkpoint_path(ws, name)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (re-materialize model_{name})") from exc
     spec = get_spec(name)
     with db.connect(ws.db_path) as conn:
         data = load_rec_data(conn)
+        changes = changed_versions(ckpt["data_versions"], current_versions(conn, spec.needs), spec.needs)
+    if changes:
+        raise StaleCheckpointError(name, path, changes)
     inputs = build_inputs(ws, spec.needs, data)
     model = build_model(name, ckpt["config"])
     if log is not None:

@@ -14,7 +14,7 @@ from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline.provenance import read_training_provenance
 from visrec_pipeline.pipeline.trained import checkpoint_path
 from visrec_pipeline.recsys.base import TrainHistory
-from visrec_pipeline.recsys.checkpoint import save_checkpoint
+from visrec_pipeline.recsys.checkpoint import recorded_sha256, save_checkpoint
 from visrec_pipeline.recsys.registry import build_model, get_spec
 
 
@@ -24,6 +24,7 @@ class TrainedModel:
 
     name: str
     checkpoint: Path
+    checkpoint_sha256: str  # of the checkpoint file, as recorded next to it
     config: dict  # the config overrides the model was built with (as stored in the checkpoint)
     history: TrainHistory
     train_seconds: float  # model.fit only
@@ -70,6 +71,7 @@ def train_model(
     return TrainedModel(
         name=name,
         checkpoint=path,
+        checkpoint_sha256=recorded_sha256(path) or "",
         config=model_config,
         history=history,
         train_seconds=train_seconds,

@@ -5,11 +5,19 @@ float / bool / None / Tensor), written atomically (temp file + rename), and read
 with ``torch.load(weights_only=True)``, which refuses anything else. It carries the
 model name, its config, the tensors, the data versions it was trained on and the
 training history.
+
+Next to ``<name>.pt`` lies ``<name>.pt.sha256`` (``sha256sum`` format), written after it: the
+SHA-256 of the checkpoint's bytes, checked on every load, so a damaged file is refused instead of
+scoring silently wrong. The checkpoint is serialized in memory first, so the free space is
+checked before anything is written and a full disk is an ``OSError(ENOSPC)`` naming the file.
+A checkpoint without a sidecar (written before the hashes existed) loads unverified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import os
 import pickle
 import time
@@ -18,7 +26,7 @@ from typing import Any
 
 import torch
 
-from visrec_pipeline.atomic import atomic_path
+from visrec_pipeline.diskspace import require_free_space, write_bytes_atomically
 from visrec_pipeline.recsys.base import TrainHistory
 
 FORMAT = "visrec-checkpoint"
@@ -89,18 +97,55 @@ def save_checkpoint(
         "torch_version": str(torch.__version__),
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    require_free_space(path, len(data))  # before the old hash is removed: a full disk changes nothing
+    # the old hash goes first: a run that dies before the new one is written leaves a complete
+    # (atomically renamed) checkpoint without a hash, never a good checkpoint with a wrong hash
+    digest_path(path).unlink(missing_ok=True)
+    write_bytes_atomically(path, data)
+    write_bytes_atomically(digest_path(path), f"{digest}  {path.name}\n".encode())
     return path
 
 
+def digest_path(path: str | os.PathLike) -> Path:
+    """The sidecar holding a checkpoint's SHA-256: ``<name>.pt.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def recorded_sha256(path: str | os.PathLike) -> str | None:
+    """The SHA-256 recorded next to the checkpoint ``path`` when it was written; None when it has no
+    hash file (written before hashes were recorded, or by a run that died between the two files)."""
+    path = Path(path)
+    sidecar = digest_path(path)
+    if not sidecar.is_file():
+        return None
+    fields = sidecar.read_text(errors="replace").split()
+    if not fields or len(fields[0]) != 64 or any(c not in "0123456789abcdef" for c in fields[0]):
+        raise CheckpointError(f"refusing checkpoint {path}: its hash file {sidecar} is unreadable")
+    return fields[0]
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``; anything but plain data is refused."""
+    """Read a checkpoint with ``weights_only=True``; anything but plain data is refused, and so is a
+    file whose SHA-256 differs from the one recorded when it was written."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    data = path.read_bytes()  # read once: hashed, then parsed from memory
+    expected = recorded_sha256(path)
+    if expected is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CheckpointError(
+                f"refusing checkpoint {path}: it is damaged (SHA-256 {actual[:16]}..., but {expected[:16]}... "
+                f"was recorded in {digest_path(path).name} when it was written); train the model again"
+            )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
         raise CheckpointError(f"refusing checkpoint {path}: not plain data or not a torch file ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -8,7 +8,7 @@ from PIL import Image
 from visrec_pipeline import db
 from visrec_pipeline.model_io import FEATURE_BACKBONE, item_image_paths
 from visrec_pipeline.paths import Workspace
-from visrec_pipeline.pipeline import checkpoint_path, load_trained
+from visrec_pipeline.pipeline import StaleCheckpointError, checkpoint_path, load_trained
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.reporting.attention import attention_panel_png, explain_rows
 
@@ -17,12 +17,16 @@ CANDIDATE_USERS = 64  # the longest profiles, among which users whose top-1 is a
 
 def acf_attention_panel(ws: Workspace, n_users: int) -> tuple[str, bytes | None]:
     """(explanation, PNG) of ACF's attentions for a few holdout users; the PNG is None (and the
-    explanation says why) when ACF has no trained checkpoint."""
+    explanation says why) when ACF has no trained checkpoint or one trained on older data."""
     from visrec_pipeline.embeddings.backbones import get_backbone  # torchvision: only when ACF is trained
 
     if "acf" not in MODEL_SPECS or not checkpoint_path(ws, "acf").exists():
         return "ACF is not trained in this workspace: no attention panel.", None
-    model, data, _inputs, _ckpt = load_trained(ws, "acf")
+    try:
+        model, data, _inputs, _ckpt = load_trained(ws, "acf")
+    except StaleCheckpointError as exc:
+        # the report shows what exists: the panel waits for ACF to be trained on the current data
+        return f"No ACF attention panel: {exc}", None
     holdout = data.holdout
     if holdout is None or len(holdout) == 0:
         return "No holdout rows: no ACF attention panel.", None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import duckdb
 import pandas as pd
@@ -59,15 +59,21 @@ def write_benchmark_report(
     grid_users: int = DEFAULT_GRID_USERS,
     grid_model: str = "",
     attention_users: int = DEFAULT_ATTENTION_USERS,
+    failed_models: Mapping[str, str] | None = None,
 ) -> BenchmarkReport:
     """Build the report from ``evaluation_summary``/``evaluation_rows``/``recommendations`` under
     ``protocol`` and write ``benchmark.md``, ``benchmark.csv`` and the PNGs to ``reports/``.
-    ``grid_model`` empty: the model with the best nDCG@20; ``attention_users`` 0: no ACF panel."""
+    ``grid_model`` empty: the model with the best nDCG@20; ``attention_users`` 0: no ACF panel.
+    ``failed_models`` (model -> why its step failed): left out (an older evaluation of theirs is not
+    this run's) and named in a section of their own."""
     ws = ws.ensure()
     plot_metrics = list(plot_metrics)
+    failed = dict(failed_models or {})
     with db.connect(ws.db_path) as conn:
         summary = results_store.evaluation_summary(conn, protocol)
         rows = results_store.evaluation_rows(conn, protocol, plot_metrics)
+        summary = summary[~summary["model"].isin(list(failed))]
+        rows = rows[~rows["model"].isin(list(failed))]
         warning = weights_warning(conn)
         grids_md = recommendation_grids_markdown(conn, ws, summary, model=grid_model, n_users=grid_users)
     table = benchmark_table(summary)
@@ -75,8 +81,13 @@ def write_benchmark_report(
     if warning:
         header += warning + "\n\n"
     report_md = header + table_markdown(table) + "\n"
+    if failed:
+        report_md += "\n## Models that failed\n\n" + "".join(f"- `{m}`: {why}\n" for m, why in sorted(failed.items()))
     attention_md = ""
-    if attention_users > 0:
+    if attention_users > 0 and "acf" in failed:
+        report_md += "\n## ACF attention\n\nACF failed in this run: no attention panel.\n"
+        attention_md = "ACF failed in this run: no attention panel."
+    elif attention_users > 0:
         # after the connection above is closed: loading the model opens its own
         attention_note, attention_png = acf_attention_panel(ws, attention_users)
         if attention_png is not None:

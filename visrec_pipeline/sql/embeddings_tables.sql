@@ -13,6 +13,19 @@ CREATE TABLE IF NOT EXISTS embedding_index (
 );
 -- databases created before the revision column: their rows are revision 0
 ALTER TABLE embedding_index ADD COLUMN IF NOT EXISTS revision INTEGER DEFAULT 0;
+-- Size and SHA-256 of every file of a referenced shard (kind: ids | pooled | spatial), recorded with
+-- the index rows that point at the shard and checked before the file is read. Shards indexed before
+-- this table existed get their row from the next embeddings run.
+CREATE TABLE IF NOT EXISTS embedding_shard_files (
+    backbone    VARCHAR   NOT NULL,
+    weights_tag VARCHAR   NOT NULL,
+    shard       VARCHAR   NOT NULL,
+    kind        VARCHAR   NOT NULL,
+    bytes       BIGINT    NOT NULL,
+    sha256      VARCHAR   NOT NULL,
+    recorded_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (backbone, shard, kind)
+);
 -- Which weights the current features of a backbone came from (a random-init fallback is loud here).
 CREATE TABLE IF NOT EXISTS embedding_provenance (
     backbone         VARCHAR PRIMARY KEY,

@@ -1,5 +1,5 @@
 -- Images that need features for $backbone under $weights_tag: new, changed (content hash differs),
--- computed with other weights, or whose shard file is gone ($missing_shards), or computed
+-- computed with other weights, or whose shard is gone or damaged ($missing_shards), or computed
 -- before the backbone's current feature $revision (a fix that changed what its features hold).
 SELECT i.item_id, i.content_hash, i.path
 FROM item_images i
