@@ -140,6 +140,10 @@ def _training_metadata(trained: TrainedModel) -> dict:
         metadata["best_epoch"] = history.best_epoch if history.best_epoch is not None else -1
         png = training_curves_png(history.loss, history.val_auc, title=name)
         metadata["training_curves"] = dg.MetadataValue.md(png_markdown(png, f"{name} training curves"))
+    # a model that reports how spread its attentions are (ACF: normalised entropies, max shares) gets
+    # them as plain numbers, plottable across materializations
+    for key, value in history.notes.get("attention", {}).items():
+        metadata[f"attention_{key}"] = dg.MetadataValue.float(float(value)) if isinstance(value, float) else value
     if history.notes:
         metadata["notes"] = dg.MetadataValue.json(_jsonable(history.notes))
     return metadata
