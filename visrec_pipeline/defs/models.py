@@ -70,7 +70,9 @@ def _to_model_config(spec: ModelSpec, config: dg.Config) -> dict:
 class EvaluationConfig(dg.Config):
     ks: list[int] = pydantic.Field(default=list(DEFAULT_KS), description="cut-offs for R@k, P@k, nDCG@k")
     protocol: Literal["standard", "tutorial"] = pydantic.Field(
-        default=DEFAULT_PROTOCOL, description="'tutorial' reproduces the tutorial's AUC/nDCG arithmetic"
+        default=DEFAULT_PROTOCOL,
+        description="'tutorial' reproduces the tutorial's AUC/nDCG arithmetic and inputs: each user's last 10 "
+        "profile items by time are scored and excluded",
     )
     batch_size: int = DEFAULT_BATCH_SIZE
 
