@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from visrec_pipeline.recsys.data import CSR, Holdout
-from visrec_pipeline.recsys.evaluate import evaluate
+from visrec_pipeline.recsys.data import Holdout
+from visrec_pipeline.recsys.evaluate import TUTORIAL_PROFILE_LEN, evaluate
 from visrec_pipeline.recsys.metrics import reference_row_metrics
 
 KS = (20, 100)
@@ -44,11 +44,9 @@ def make_data(n_users: int, n_items: int, seed: int):
     picks = np.argpartition(keys, 205, axis=1)[:, :205]
     profile = [picks[u, : profile_len[u]] for u in range(n_users)]
     predict = [picks[u, 205 - predict_len[u] :] for u in range(n_users)]
-    holdout = Holdout(
-        np.arange(n_users, dtype=np.int64),
-        CSR.from_lists(profile, n_items),
-        CSR.from_lists(predict, n_items),
-        np.arange(n_users, dtype=np.int64) + 1000,
+    # each profile lists its items oldest first (the tutorial protocol keeps the last 10)
+    holdout = Holdout.from_lists(
+        np.arange(n_users, dtype=np.int64), profile, predict, n_items, np.arange(n_users, dtype=np.int64) + 1000
     )
     return scores, holdout, profile, predict
 
@@ -105,8 +103,9 @@ def main() -> None:
         loop_times = []
         for _ in range(args.loop_repeats):
             t0 = time.perf_counter()
+            shown = profile if protocol == "standard" else [p[-TUTORIAL_PROFILE_LEN:] for p in profile]
             loop_rows = [
-                reference_row_metrics(scores[u], profile[u], predict[u], ks=KS, protocol=protocol)
+                reference_row_metrics(scores[u], shown[u], predict[u], ks=KS, protocol=protocol)
                 for u in range(args.users)
             ]
             loop_times.append(time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.checkpoint import load_checkpoint, save_checkpoint
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.evaluate import evaluate
-from visrec_pipeline.recsys.models.acf import ACF, ACFConfig, ACFModule, masked_softmax
+from visrec_pipeline.recsys.models.acf import ACF, ACFConfig, ACFModule, masked_softmax, normalised_entropy
 from visrec_pipeline.recsys.registry import MODEL_SPECS, build_model
 from visrec_pipeline.recsys.synthetic import planted_dataset
 
@@ -69,6 +69,71 @@ def test_masked_softmax_sums_to_one_and_zeroes_masked_slots():
     assert torch.allclose(a[2], torch.softmax(logits[2], 0))
     (a * torch.arange(4.0)).sum().backward()
     assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[~mask] == 0)
+
+
+def test_normalised_entropy_is_one_when_uniform_and_zero_on_one_slot():
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 4, [True] * 4, [True, False, True, False], [True, False, False, False]])
+    h, has_choice = normalised_entropy(w, mask)
+    assert has_choice.tolist() == [True, True, True, False]  # one slot: nothing to spread over
+    assert torch.allclose(h, torch.tensor([1.0, 0.0, 1.0, 0.0]), atol=1e-6)
+
+
+def test_the_item_entropy_term_adds_its_weight_times_one_minus_the_entropy():
+    torch.manual_seed(0)
+    module = ACFModule(n_users=4, n_items=8, region_dim=CHANNELS, dim=8, attention_dim=8)
+    module.regions = torch.randn(8, REGIONS, CHANNELS).half()
+    module.train_items = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0], [1, 7, 3]])
+    module.train_mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [True] * 3])
+    batch = {"user": torch.tensor([0, 1, 2, 3]), "pos": torch.tensor([1, 4, 6, 5]), "neg": torch.tensor([0, 7, 2, 2])}
+    plain = module.loss(batch, item_entropy_weight=0.0)
+    with torch.no_grad():
+        logits, _ = module.profile_logits(module.user.weight, module.train_items, module.regions)
+    # the positive is masked out of its own profile: user 1 keeps item 5 only, user 2 nothing
+    mask = module.train_mask & (module.train_items != batch["pos"].unsqueeze(1))
+    a = masked_softmax(logits, mask)
+    h = [-(a[r][mask[r]] * a[r][mask[r]].log()).sum() / np.log(int(mask[r].sum())) for r in (0, 3)]
+    expected = plain + 0.5 * (1 - torch.stack(h)).mean()
+    assert torch.allclose(module.loss(batch, item_entropy_weight=0.5), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="item_attention_entropy_weight"):
+        ACFConfig(item_attention_entropy_weight=-0.1)
+
+
+def test_regions_are_centred_per_position_before_the_attention(syn):
+    fit, _ = syn.data.validation_split()
+    spatial = _spatial(syn.features).astype(np.float32)
+    spatial += 20.0 * np.arange(REGIONS, dtype=np.float32)[None, :, None]  # each position's own offset
+    inputs = FitInputs(spatial=spatial.astype(np.float16))
+    centred = ACF(_config({"epochs": 1}))
+    centred.fit(fit, inputs)
+    raw = ACF(_config({"epochs": 1}, center_regions_by_position=False))
+    raw.fit(fit, inputs)
+    for model, position_share in ((centred, (0.0, 0.01)), (raw, (0.9, 1.0))):
+        table = model.module.regions.float()  # [items, R, C] as the attention sees them (before reduction)
+        by_position = table.mean(0).pow(2).sum(1).mean()
+        total = table.pow(2).sum(2).mean()
+        assert position_share[0] <= float(by_position / total) <= position_share[1]
+
+
+def test_attention_summary_of_the_validation_users_is_in_the_history(syn, trained):
+    model, history, fit = trained
+    _, validation = syn.data.validation_split()
+    summary = history.notes["attention"]
+    assert summary == model.attention_summary(validation)
+    item_att, comp_att = model.explain(_batch(validation))
+    kept = item_att > 0
+    n = kept.sum(1)
+    rows = n > 1
+    h = [-(a[a > 0] * a[a > 0].log()).sum() / np.log(int(k)) for a, k in zip(item_att[rows], n[rows])]
+    assert summary["item_rows"] == int(rows.sum())
+    assert summary["item_entropy"] == pytest.approx(float(torch.stack(h).mean()), abs=1e-4)
+    assert summary["item_max_share"] == pytest.approx(float(item_att[rows].max(1).values.mean()), abs=1e-4)
+    regions = comp_att[kept]
+    assert summary["component_images"] == regions.shape[0]
+    assert summary["component_max_share"] == pytest.approx(float(regions.max(1).values.mean()), abs=1e-4)
+    top = torch.bincount(regions.argmax(1)).max() / regions.shape[0]
+    assert summary["component_top_region_share"] == pytest.approx(float(top), abs=1e-4)
+    assert 0.0 <= summary["component_entropy"] <= 1.0
 
 
 def test_training_lowers_the_loss_and_learns_the_planted_structure(syn, trained):

@@ -87,3 +87,31 @@ def test_dg_check_defs_loads_the_project(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All definitions loaded successfully" in done.stdout + done.stderr
+
+
+def test_model_metadata_lifts_the_attention_summary_to_plain_numbers(tmp_path):
+    from visrec_pipeline.defs.models import _training_metadata
+    from visrec_pipeline.pipeline import TrainedModel
+    from visrec_pipeline.recsys.base import TrainHistory
+
+    attention = {"item_entropy": 0.8, "item_max_share": 0.27, "item_rows": 299, "component_top_region_share": 0.09}
+    trained = TrainedModel(
+        name="acf",
+        checkpoint=tmp_path / "acf.pt",
+        config={},
+        history=TrainHistory(loss=[0.7, 0.5], val_auc=[0.8, 0.85], best_epoch=2, notes={"attention": attention}),
+        train_seconds=1.0,
+        versions={},
+        features={},
+        lineage={"partitions": []},
+        n_users=3,
+        n_items=5,
+        n_train_rows=10,
+        n_validation_users=3,
+    )
+    metadata = _training_metadata(trained)
+    assert metadata["attention_item_entropy"] == dg.MetadataValue.float(0.8)
+    assert metadata["attention_component_top_region_share"] == dg.MetadataValue.float(0.09)
+    assert metadata["attention_item_rows"] == 299
+    without = _training_metadata(TrainedModel(**{**trained.__dict__, "history": TrainHistory(loss=[0.7])}))
+    assert not any(key.startswith("attention_") for key in without)

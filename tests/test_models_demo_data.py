@@ -1,5 +1,6 @@
 """The models on a small dataset from the demo generator (not planted features): DVBPR, CuratorNet
-(guided triples) and ACF learn (their loss falls), and the visual models beat the baselines.
+(guided triples) and ACF learn (their loss falls), the visual models beat the baselines, and ACF's
+attentions do not collapse.
 
 Features come from a random-init ResNet-50 (what the demo uses when ImageNet weights are
 offline) at a reduced input size, so the whole module runs in well under a minute on one core.
@@ -32,6 +33,7 @@ from visrec_pipeline.recsys.models.vbpr import VBPR, VBPRConfig
 from visrec_pipeline.recsys.models.visrank import VisRank, VisRankConfig
 
 IMAGE_SIZE = 64  # CNN input: ResNet-50's layer4 is then a 2 x 2 region grid
+ACF_IMAGE_SIZE = 128  # ACF's attention test: a 4 x 4 grid, with border and inner regions like the demo's 7 x 7
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -45,6 +47,7 @@ class DemoWorld:
     spatial: np.ndarray  # float16 [n_items, regions, 2048]
     creators: np.ndarray
     clusters: np.ndarray
+    image_paths: list
 
     def inputs(self, validation: bool = True) -> FitInputs:
         fit, val = self.data.validation_split()
@@ -98,20 +101,30 @@ def world(tmp_path_factory) -> DemoWorld:
     data = _split(rows, item_ids)
 
     paths = [next((root / "images").glob(f"{i}.*")) for i in item_ids]
-    images = torch.from_numpy(np.stack([_square(p, IMAGE_SIZE) for p in paths])).permute(0, 3, 1, 2).contiguous()
-    spec = get_backbone("resnet50")
-    extractor = spec.feature_extractor(random_model(spec, seed=0))
-    with torch.inference_mode():
-        out = [extractor((images[s : s + 50].float() / 255.0 - _MEAN) / _STD) for s in range(0, len(images), 50)]
-    pooled = torch.cat([o["pooled"].flatten(1) for o in out]).numpy()
-    spatial = torch.cat([o["spatial"].flatten(2).transpose(1, 2) for o in out]).half().numpy()
+    images = _load_images(paths, IMAGE_SIZE)
+    pooled, spatial = _resnet_features(images)
 
     creator = items["creator"].fillna("").astype(str)
     creators = np.where(creator.str.len() > 0, pd.Categorical(creator).codes, -1).astype(np.int64)
     centred = torch.from_numpy(pooled - pooled.mean(0))
     clusters = kmeans(centred / centred.norm(dim=1, keepdim=True), 8, seed=0).labels.astype(np.int64)
     fit, _ = data.validation_split()
-    return DemoWorld(data, fit, images, pooled, spatial, creators, clusters)
+    return DemoWorld(data, fit, images, pooled, spatial, creators, clusters, paths)
+
+
+def _load_images(paths, size: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([_square(p, size) for p in paths])).permute(0, 3, 1, 2).contiguous()
+
+
+def _resnet_features(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled ``[n, 2048]`` and spatial ``float16 [n, regions, 2048]`` random-init ResNet-50 features."""
+    spec = get_backbone("resnet50")
+    extractor = spec.feature_extractor(random_model(spec, seed=0))
+    with torch.inference_mode():
+        out = [extractor((images[s : s + 50].float() / 255.0 - _MEAN) / _STD) for s in range(0, len(images), 50)]
+    pooled = torch.cat([o["pooled"].flatten(1) for o in out]).numpy()
+    spatial = torch.cat([o["spatial"].flatten(2).transpose(1, 2) for o in out]).half().numpy()
+    return pooled, spatial
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +189,32 @@ def test_visrank_and_vbpr_beat_random_widely_and_vbpr_beats_most_popular(world, 
     assert auc_visrank >= baselines["random"] + 0.15, summary
     assert auc_vbpr >= baselines["random"] + 0.15, summary
     assert auc_vbpr > baselines["most_popular"], summary
+
+
+# A collapsed softmax puts (nearly) all weight on one option: normalised entropy ~0 (the pre-fix ACF:
+# 0.01 over profile items, 0.10 over regions, the same region in every image). 0.5 means an effective
+# number of options exp(H) of at least sqrt(n): 3 of 10 profile items, 4 of 16 regions.
+SPREAD_ENTROPY = 0.5
+# the most common highest-weight region may lead in at most half of the images (collapsed: all of them)
+MAX_TOP_REGION_SHARE = 0.5
+
+
+def test_acf_attentions_spread_and_follow_image_content(world):
+    images = _load_images(world.image_paths, ACF_IMAGE_SIZE)
+    _, spatial = _resnet_features(images)
+    inputs = world.inputs()
+    inputs.spatial = spatial
+    train = {"epochs": 8, "batch_size": 1024, "device": "cpu"}
+    model = ACF(ACFConfig(train=train))
+    attention = _fit(model, world, inputs)[0].notes["attention"]
+    # the settings before the fix: uncentred regions and no entropy term collapse both softmaxes
+    collapsed = ACF(ACFConfig(train=train, center_regions_by_position=False, item_attention_entropy_weight=0.0))
+    before = _fit(collapsed, world, inputs)[0].notes["attention"]
+
+    assert spatial.shape[1] == 16 and attention["item_rows"] > 100, attention
+    assert attention["item_entropy"] > SPREAD_ENTROPY and attention["item_max_share"] < 0.5, attention
+    assert attention["component_entropy"] > SPREAD_ENTROPY, attention
+    assert attention["component_top_region_share"] <= MAX_TOP_REGION_SHARE, attention
+    # the test can tell: the old settings do collapse on the same data
+    assert before["item_entropy"] < 0.2 and before["component_top_region_share"] > 0.8, before
+    assert _auc(model, world) > _auc(collapsed, world)

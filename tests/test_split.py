@@ -30,7 +30,7 @@ def reference_split(raw: pd.DataFrame, n: int, recompute: bool) -> tuple[list[tu
     for user, rows in d.groupby("user_id"):
         mask = is_eval[rows.index]
         if mask.any():
-            profile = sorted(rows.loc[~mask, "item_id"].tolist())
+            profile = rows.loc[~mask, "item_id"].tolist()  # time order (d is sorted by ts, item_id)
             predict = sorted(rows.loc[mask, "item_id"].tolist())
             holdout.append((int(user), profile, predict))
     train_rows = sorted(map(tuple, train.astype("int64").to_numpy().tolist()))

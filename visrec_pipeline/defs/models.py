@@ -72,7 +72,9 @@ def _to_model_config(spec: ModelSpec, config: dg.Config) -> dict:
 class EvaluationConfig(dg.Config):
     ks: list[int] = pydantic.Field(default=list(DEFAULT_KS), description="cut-offs for R@k, P@k, nDCG@k")
     protocol: Literal["standard", "tutorial"] = pydantic.Field(
-        default=DEFAULT_PROTOCOL, description="'tutorial' reproduces the tutorial's AUC/nDCG arithmetic"
+        default=DEFAULT_PROTOCOL,
+        description="'tutorial' reproduces the tutorial's AUC/nDCG arithmetic and inputs: each user's last 10 "
+        "profile items by time are scored and excluded",
     )
     batch_size: int = DEFAULT_BATCH_SIZE
 
@@ -149,6 +151,10 @@ def _training_metadata(trained: TrainedModel) -> dict:
         metadata["best_epoch"] = history.best_epoch if history.best_epoch is not None else -1
         png = training_curves_png(history.loss, history.val_auc, title=name)
         metadata["training_curves"] = dg.MetadataValue.md(png_markdown(png, f"{name} training curves"))
+    # a model that reports how spread its attentions are (ACF: normalised entropies, max shares) gets
+    # them as plain numbers, plottable across materializations
+    for key, value in history.notes.get("attention", {}).items():
+        metadata[f"attention_{key}"] = dg.MetadataValue.float(float(value)) if isinstance(value, float) else value
     if history.notes:
         metadata["notes"] = dg.MetadataValue.json(_jsonable(history.notes))
     return metadata

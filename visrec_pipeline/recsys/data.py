@@ -111,7 +111,9 @@ class CSR:
         return out
 
     def padded(self, rows=None, *, max_len: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(items [b, L] padded with 0, mask [b, L]); with ``max_len`` keep the last ``max_len`` entries."""
+        """(items [b, L] padded with 0, mask [b, L]); with ``max_len`` keep the last ``max_len`` stored
+        entries of each row (the highest item indices: for the most recent items see
+        :meth:`Holdout.recent_profile`)."""
         sub = self if rows is None else self.take_rows(rows)
         lengths = sub.lengths()
         L = int(lengths.max()) if lengths.size else 0
@@ -131,17 +133,84 @@ class CSR:
         return torch.as_tensor(items, device=device), torch.as_tensor(mask, device=device)
 
 
+def ranks_in_rows(csr: CSR, key: np.ndarray) -> np.ndarray:
+    """For each stored entry of ``csr``, its 0-based position within its row when the row is ordered
+    by ``key`` (aligned with ``csr.indices``, e.g. timestamps), ties by item index."""
+    key = np.asarray(key)
+    if key.shape != csr.indices.shape:
+        raise ValueError(f"key has shape {key.shape}; expected one value per stored entry {csr.indices.shape}")
+    order = np.lexsort((csr.indices, key, csr.row_ids()))
+    ranks = np.empty(csr.nnz, np.int64)
+    ranks[order] = np.arange(csr.nnz, dtype=np.int64) - np.repeat(csr.indptr[:-1], csr.lengths())
+    return ranks
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """Evaluation rows: a profile (training items) and the items to predict."""
+    """Evaluation rows: a profile (training items) and the items to predict.
+
+    ``profile_rank`` (aligned with ``profile.indices``) is each profile item's position in its
+    user's time order, 0 the oldest; None when the time order is unknown. The CSR itself is always
+    in item-index order, so the rank is the only record of recency.
+    """
 
     user_idx: np.ndarray  # int64 [m]; -1 for a user without training rows
     profile: CSR  # [m x n_items]
     predict: CSR  # [m x n_items]
     user_ids: np.ndarray | None = None  # original ids, for reporting
+    profile_rank: np.ndarray | None = None  # int64 [profile.nnz]: 0 = the row's oldest item
 
     def __len__(self) -> int:
         return int(self.user_idx.shape[0])
+
+    @classmethod
+    def from_lists(cls, user_idx, profiles, predicts, n_items: int, user_ids=None) -> "Holdout":
+        """A holdout from item-index lists; each profile lists its items oldest first."""
+        profile = CSR.from_lists(profiles, n_items)
+        position = np.concatenate([np.arange(len(p), dtype=np.int64) for p in profiles]) if len(profiles) else []
+        rows = np.repeat(np.arange(len(profiles), dtype=np.int64), [len(p) for p in profiles])
+        cols = np.concatenate([np.asarray(p, np.int64) for p in profiles]) if len(profiles) else np.zeros(0, np.int64)
+        # CSR order (row, item); an item listed twice keeps its later position
+        order = np.lexsort((-np.asarray(position, np.int64), cols, rows))
+        keep = np.ones(order.size, bool)
+        keep[1:] = (rows[order][1:] != rows[order][:-1]) | (cols[order][1:] != cols[order][:-1])
+        position = np.asarray(position, np.int64)[order][keep]
+        return cls(
+            np.asarray(user_idx, np.int64),
+            profile,
+            CSR.from_lists(predicts, n_items),
+            None if user_ids is None else np.asarray(user_ids, np.int64),
+            ranks_in_rows(profile, position),
+        )
+
+    def recent_profile(self, max_len: int) -> CSR:
+        """Each row's ``max_len`` most recent profile items (all of a shorter row). Without a time
+        order (``profile_rank`` None) only rows that need no cut are allowed: a ValueError otherwise."""
+        return self._recent(max_len)[0]
+
+    def with_recent_profile(self, max_len: int) -> "Holdout":
+        """This holdout with each profile cut to its ``max_len`` most recent items."""
+        profile, rank = self._recent(max_len)
+        return Holdout(self.user_idx, profile, self.predict, self.user_ids, rank)
+
+    def _recent(self, max_len: int) -> tuple[CSR, np.ndarray | None]:
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        lengths = self.profile.lengths()
+        if not (lengths > max_len).any():
+            return self.profile, self.profile_rank
+        if self.profile_rank is None:
+            rows = np.flatnonzero(lengths > max_len)
+            raise ValueError(
+                f"{rows.size} profile(s) are longer than {max_len} items (e.g. rows {rows[:5].tolist()}) but the "
+                "holdout has no time order (profile_rank) to keep the most recent ones"
+            )
+        cut = np.repeat(np.maximum(lengths - max_len, 0), lengths)  # entries older than the last max_len
+        keep = self.profile_rank >= cut
+        indptr = np.zeros_like(self.profile.indptr)
+        np.cumsum(np.minimum(lengths, max_len), out=indptr[1:])
+        profile = CSR(indptr, self.profile.indices[keep], self.profile.n_cols)
+        return profile, (self.profile_rank - cut)[keep]
 
 
 @dataclass
@@ -191,11 +260,17 @@ class RecData:
         return data
 
     def make_holdout(self, holdout: pd.DataFrame) -> Holdout:
+        """``holdout``: user_id, profile (item ids, oldest first: ``split_holdout`` stores them so),
+        predict (item ids)."""
         user_ids = holdout["user_id"].to_numpy(np.int64)
         user_idx = self.users.index(user_ids, allow_missing=True)
-        profile = CSR.from_lists([self.items.index(p) for p in holdout["profile"]], self.n_items)
-        predict = CSR.from_lists([self.items.index(p) for p in holdout["predict"]], self.n_items)
-        return Holdout(user_idx, profile, predict, user_ids)
+        profiles = [self.items.index(p) for p in holdout["profile"]]
+        predicts = [self.items.index(p) for p in holdout["predict"]]
+        return Holdout.from_lists(user_idx, profiles, predicts, self.n_items, user_ids)
+
+    def train_ranks(self) -> np.ndarray:
+        """Each training row's position in its user's time order (aligned with ``train.indices``)."""
+        return ranks_in_rows(self.train, self.train_ts)
 
     def validation_split(self, n: int = 1) -> tuple["RecData", Holdout]:
         """Carve each user's last ``n`` training rows (by time, ties by item index) into a
@@ -220,6 +295,8 @@ class RecData:
         )
         val_users = np.unique(rows_o[is_val])
         profile = fit.train.take_rows(val_users)
+        rank = fit.train_ranks()
+        kept = np.repeat(np.isin(np.arange(self.n_users), val_users), fit.train.lengths())
         v_rows = np.searchsorted(val_users, rows_o[is_val])
         predict = CSR.from_pairs(v_rows, cols_o[is_val], val_users.size, self.n_items)
-        return fit, Holdout(val_users, profile, predict, self.users.ids[val_users])
+        return fit, Holdout(val_users, profile, predict, self.users.ids[val_users], rank[kept])

@@ -29,6 +29,10 @@ from visrec_pipeline.recsys.metrics import (
 
 ScoreFn = Callable[[ScoreBatch], torch.Tensor]
 
+# protocol="tutorial": the tutorial kept each user's last 10 profile items by time (MAX_PROFILE_SIZE),
+# both as the model's input and as the items left out of the ranking
+TUTORIAL_PROFILE_LEN = 10
+
 COLD_PREFIX = "cold:"
 WARM_PREFIX = "warm:"
 
@@ -43,14 +47,15 @@ def holdout_batches(
 ) -> Iterator[tuple[np.ndarray, ScoreBatch]]:
     """``(row indices into holdout, ScoreBatch)`` for consecutive groups of ``rows`` (default: all, in order).
 
-    The batch's profile is the row's profile (its last ``max_profile_len`` items when given).
+    The batch's profile is the row's profile (its ``max_profile_len`` most recent items when given).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = np.arange(len(holdout), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    profile = holdout.profile if max_profile_len is None else holdout.recent_profile(max_profile_len)
     for start in range(0, rows.size, batch_size):
         idx = rows[start : start + batch_size]
-        items, mask = holdout.profile.padded(idx, max_len=max_profile_len, device=device)
+        items, mask = profile.padded(idx, device=device)
         user_idx = torch.as_tensor(holdout.user_idx[idx], dtype=torch.long, device=device)
         yield idx, ScoreBatch(user_idx=user_idx, profile_items=items, profile_mask=mask)
 
@@ -172,6 +177,11 @@ def evaluate(
     seeded random sample of rows. ``cold_items``: item indices unseen in training (see
     :class:`EvalResult` for the breakdown). Rows are scored grouped by their number of relevant
     items (less padding); ``per_row`` is in holdout order. A row without items to predict is an error.
+
+    ``protocol="tutorial"`` also takes the tutorial's inputs: each profile is cut to its
+    ``TUTORIAL_PROFILE_LEN`` most recent items (``holdout.profile_rank``), which are both scored
+    and excluded; older profile items stay candidates. ``per_row.profile_size`` is the full profile.
+    ``max_profile_len`` cuts what the model is shown to the most recent items, never what is excluded.
     """
     started = time.perf_counter()
     ks = check_ks(ks)
@@ -203,6 +213,7 @@ def evaluate(
         cold_mask = np.zeros(n_items, bool)
         cold_mask[cold_items] = True
 
+    scored = holdout.with_recent_profile(TUTORIAL_PROFILE_LEN) if protocol == "tutorial" else holdout
     # rows with the same number of relevant items share a batch: the slot padding stays small
     order = rows[np.argsort(n_relevant, kind="stable")]
     names = metric_names(ks)
@@ -210,13 +221,13 @@ def evaluate(
     n_candidates = np.empty(m, np.int64)
     with torch.no_grad():
         for idx, batch in holdout_batches(
-            holdout, batch_size, device=device, max_profile_len=max_profile_len, rows=order
+            scored, batch_size, device=device, max_profile_len=max_profile_len, rows=order
         ):
             scores = _scores_for(score_fn, batch, n_items, device, idx, holdout)
             dev = scores.device
-            # the full profile is excluded, whatever the model was shown (and even if it
-            # modified the batch tensors)
-            prof_items, prof_mask = holdout.profile.padded(idx, device=dev)
+            # the protocol's whole profile is excluded, whatever the model was shown (and even if
+            # it modified the batch tensors)
+            prof_items, prof_mask = scored.profile.padded(idx, device=dev)
             rel_items, rel_mask = holdout.predict.padded(idx, device=dev)
             out = rank_metrics(
                 scores, rel_items, rel_mask, prof_items, prof_mask, ks=ks, protocol=protocol, item_chunk=item_chunk
@@ -262,7 +273,9 @@ def _profiles_of(users: Holdout | RecData) -> Holdout:
         return users
     if isinstance(users, RecData):
         empty = CSR(np.zeros(users.n_users + 1, np.int64), np.zeros(0, np.int64), users.n_items)
-        return Holdout(np.arange(users.n_users, dtype=np.int64), users.train, empty, users.users.ids)
+        return Holdout(
+            np.arange(users.n_users, dtype=np.int64), users.train, empty, users.users.ids, users.train_ranks()
+        )
     raise TypeError(f"top_k needs a Holdout or RecData, got {type(users).__name__}")
 
 

@@ -301,6 +301,8 @@ def metrics_from_ranks(
       item) and its denominator is ``n (n_items - n)``;
       nDCG@k = DCG@k / IDCG(#relevant items in the top k), 0 when none is.
     RR, R@k and P@k are the same in both (P@k divides by k even when fewer than k candidates exist).
+    The profile is whatever the caller excludes: ``evaluate`` passes the tutorial's inputs under
+    ``tutorial`` (each user's last 10 profile items by time).
     """
     ks = check_ks(ks)
     check_protocol(protocol)

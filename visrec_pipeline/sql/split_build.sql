@@ -21,10 +21,12 @@ FROM split_marked
 WHERE NOT is_evaluation
 ORDER BY ts, item_id, user_id;
 
--- profile = the user's training items, predict = the evaluation items, both ascending.
+-- profile = the user's training items in time order (oldest first; ties: item_id), so the most
+-- recent ones can be taken (the tutorial protocol's last 10, max_profile_len); predict = the
+-- evaluation items, ascending.
 CREATE OR REPLACE TABLE split_holdout AS
 SELECT user_id,
-       coalesce(list(item_id ORDER BY item_id) FILTER (WHERE NOT is_evaluation), []::BIGINT[]) AS profile,
+       coalesce(list(item_id ORDER BY ts, item_id) FILTER (WHERE NOT is_evaluation), []::BIGINT[]) AS profile,
        list(item_id ORDER BY item_id) FILTER (WHERE is_evaluation) AS predict
 FROM split_marked
 GROUP BY user_id

@@ -1,5 +1,5 @@
 -- train ∪ predict must be exactly interactions (as a multiset of pairs), and each
--- profile must be exactly that user's training items.
+-- profile must be exactly that user's training items, in time order (ties: item_id).
 WITH parts AS (
     SELECT user_id, item_id FROM split_train
     UNION ALL
@@ -8,7 +8,7 @@ WITH parts AS (
 missing AS (SELECT user_id, item_id FROM interactions EXCEPT ALL SELECT user_id, item_id FROM parts),
 extra AS (SELECT user_id, item_id FROM parts EXCEPT ALL SELECT user_id, item_id FROM interactions),
 train_lists AS (
-    SELECT user_id, list(item_id ORDER BY item_id) AS items FROM split_train GROUP BY user_id
+    SELECT user_id, list(item_id ORDER BY ts, item_id) AS items FROM split_train GROUP BY user_id
 ),
 wrong_profiles AS (
     SELECT h.user_id
