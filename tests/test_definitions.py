@@ -98,6 +98,7 @@ def test_model_metadata_lifts_the_attention_summary_to_plain_numbers(tmp_path):
     trained = TrainedModel(
         name="acf",
         checkpoint=tmp_path / "acf.pt",
+        checkpoint_sha256="0" * 64,
         config={},
         history=TrainHistory(loss=[0.7, 0.5], val_auc=[0.8, 0.85], best_epoch=2, notes={"attention": attention}),
         train_seconds=1.0,
