@@ -165,5 +165,8 @@ def test_asset_graph_matches_snapshot():
                 tofile="current code location",
             )
         )
-        pytest.fail(f"The Dagster graph differs from the snapshot. If the change is intended, run\n    {REGENERATE}\n"
-                    f"and commit the new snapshot.\n{diff}", pytrace=False)
+        message = (f"The Dagster graph differs from the snapshot. If the change is intended, run\n    {REGENERATE}\n"
+                   f"and commit the new snapshot.\n{diff}")
+    else:
+        message = ""
+    assert rendered == expected, message
