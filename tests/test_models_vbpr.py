@@ -156,3 +156,16 @@ def test_vbpr_trains_on_cuda_and_scores_match_on_cpu(planted):
     cpu = VBPR(fast_config(device="cpu"))
     cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     np.testing.assert_allclose(cpu.score(batch).numpy(), on_gpu.cpu().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_visual_projection_and_bias_are_regularised_by_default():
+    config = VBPRConfig()
+    assert config.reg_visual == config.reg > 0  # the paper's one lambda for E and beta' too
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(30, 12, generator=g)
+    batch = {"user": torch.tensor([0, 1, 2]), "pos": torch.tensor([3, 4, 5]), "neg": torch.tensor([6, 7, 8])}
+    free = VBPRModule(4, 30, feats, 4, 3, reg=config.reg, reg_visual=0.0, init_std=0.5)
+    tied = VBPRModule(4, 30, feats, 4, 3, reg=config.reg, reg_visual=config.reg_visual, init_std=0.5)
+    tied.load_state_dict(free.state_dict())
+    extra = tied.loss(batch) - free.loss(batch)
+    assert torch.allclose(extra, config.reg_visual * free.visual.square().sum(), rtol=1e-4, atol=1e-6)

@@ -61,4 +61,12 @@ def acf_attention_panel(ws: Workspace, n_users: int) -> tuple[str, bytes | None]
         "times the uniform 1/49); the recommended item has no heat map, as ACF never attends over the "
         "candidate's regions."
     )
+    spread = model.attention_summary(holdout)
+    note += (
+        f" Over all {spread['item_rows']} holdout users with two or more attended items, the item attention's "
+        f"normalised entropy (1: uniform, 0: one item) averages {spread['item_entropy']:.2f} and its largest "
+        f"weight {spread['item_max_share']:.2f}; over their profile images the component attention's averages "
+        f"{spread['component_entropy']:.2f}, and the most common hottest region is the hottest in "
+        f"{100 * spread['component_top_region_share']:.0f}% of them."
+    )
     return note, png

@@ -2,7 +2,7 @@
 
 ``x_ui = beta_i + gamma_u . gamma_i + theta_u . (E f_i) + beta' . f_i`` over frozen pooled
 features ``f_i``; BPR loss on uniform triples with per-triple L2 on the touched
-embeddings (``reg``) and L2 on ``E`` and ``beta'`` (``reg_visual``).
+embeddings (``reg``) and L2 on ``E`` and ``beta'`` (``reg_visual``, by default the same 1e-4).
 
 Speed: the projection ``[E | beta'] f`` is the only costly part of a step. A batch
 projects whichever is fewest: the ``b`` feature differences ``f_i - f_j``, the distinct
@@ -157,7 +157,11 @@ class VBPRConfig(TripleTrainedConfig):
     dim_gamma: int = 200  # latent (non-visual) factors, tutorial notebook
     dim_theta: int = 100  # visual factors, tutorial notebook
     reg: float = 1e-4  # L2 on gamma_u, theta_u, gamma_i, gamma_j, beta_i, beta_j of each triple
-    reg_visual: float = 0.0  # L2 on E and beta'
+    # L2 on E and beta' per step, like ``reg`` per triple: the paper's one lambda over all of Theta and
+    # the tutorial's weight decay on every parameter both regularise them. On the demo it costs a little
+    # AUC (test AUC, seed 0: 0.89975 -> 0.89512 at the demo's 15 epochs, 0.91464 -> 0.91228 at the
+    # defaults, early-stopped); 0.0 leaves E and beta' free as before
+    reg_visual: float = 1e-4
     init_std: float = 0.01
     feature_scale: str = "l2"  # "none" (raw), "l2" (unit rows) or "standard" (centred, unit mean norm)
     triples_per_epoch: int = 0  # 0 = one triple per training interaction
