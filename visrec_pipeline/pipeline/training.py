@@ -15,6 +15,7 @@ from visrec_pipeline.pipeline.provenance import read_training_provenance
 from visrec_pipeline.pipeline.trained import checkpoint_path
 from visrec_pipeline.recsys.base import TrainHistory
 from visrec_pipeline.recsys.checkpoint import recorded_sha256, save_checkpoint
+from visrec_pipeline.recsys.cost import check_before_fit
 from visrec_pipeline.recsys.registry import build_model, get_spec
 
 
@@ -55,9 +56,13 @@ def train_model(
     model = build_model(name, model_config)
     if log is not None:
         model.log = log  # type: ignore[assignment]
+    # an expensive model says its cost first, and stops here when it is past its limit
+    estimate = check_before_fit(model, fit_data, inputs, log=log)
     started = time.perf_counter()
     history = model.fit(fit_data, inputs)
     train_seconds = time.perf_counter() - started
+    if estimate is not None:
+        history.notes["cost_estimate"] = estimate.as_dict()
     path = checkpoint_path(ws, name)
     save_checkpoint(
         path,

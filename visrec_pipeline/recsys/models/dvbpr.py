@@ -19,6 +19,9 @@ runs the loss under autocast (bf16, or fp16 with a GradScaler) and the CNN uses 
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
+from visrec_pipeline.recsys.cost import CostEstimate
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
 from visrec_pipeline.recsys.trainer import TrainConfig
@@ -146,6 +150,70 @@ def load_images(image_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Ten
     return resize_images(imgs, size)
 
 
+def _time_cnn(cnn: ImageCNN, device: torch.device, n_images: int) -> tuple[float, float]:
+    """Seconds per image of ``cnn``'s forward+backward and of its forward alone (one warm-up pass each)."""
+    images = torch.randint(0, 256, (n_images, 3, cnn.input_size, cnn.input_size), dtype=torch.uint8, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def train_step():
+        cnn.zero_grad(set_to_none=True)
+        cnn(images).float().sum().backward()
+
+    def infer_step():
+        with torch.no_grad():
+            cnn(images)
+
+    timings = []
+    for step in (train_step, infer_step):
+        step()
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        timings.append((time.perf_counter() - started) / n_images)
+    return timings[0], timings[1]
+
+
+def _epoch_estimate(cfg: "DVBPRConfig", data: RecData, inputs: FitInputs, device: torch.device) -> dict:
+    spec = cnn_spec(cfg.architecture, width_mult=cfg.width_mult, fc_dim=cfg.fc_dim, lrn=cfg.lrn, dropout=cfg.dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cnn = ImageCNN(spec, cfg.input_size, cfg.k).to(device)
+    train_s, infer_s = _time_cnn(cnn, device, 2 if device.type == "cpu" else 64)
+    del cnn
+    n_items = max(data.n_items, 1)
+    decode_s = 0.0
+    if inputs.images is not None and data.n_items:
+        idx = torch.arange(min(8, data.n_items))
+        started = time.perf_counter()
+        load_images(inputs.images, idx, cfg.input_size)
+        decode_s = (time.perf_counter() - started) / idx.numel()
+    b = cfg.train.batch_size
+    batches = math.ceil(data.train.nnz / b)
+    if cfg.train.max_batches_per_epoch is not None:
+        batches = min(batches, cfg.train.max_batches_per_epoch)
+    # distinct items among 2b uniform draws (popular items repeat more: an upper bound)
+    distinct = n_items * (1.0 - math.exp(-2.0 * b / n_items))
+    in_memory = data.n_items * 3 * cfg.input_size**2 / 2**20 <= cfg.image_cache_mb
+    per_batch = distinct * (train_s + (0.0 if in_memory else decode_s))
+    validation = data.n_items * (infer_s + (0.0 if in_memory else decode_s))
+    if inputs.validation is None or len(inputs.validation) == 0:
+        validation = data.n_items * infer_s  # the inference cache is built after training all the same
+    return {
+        "epoch_seconds": batches * per_batch + validation,
+        "setup_seconds": data.n_items * decode_s if in_memory else 0.0,
+        "batches": int(batches),
+        "distinct_images_per_batch": int(round(distinct)),
+        "train_s_per_image": train_s,
+        "infer_s_per_image": infer_s,
+        "decode_s_per_image": decode_s,
+        "images_in_memory": bool(in_memory),
+    }
+
+
 # --------------------------------------------------------------------------------------------- module
 
 
@@ -197,6 +265,17 @@ DEMO_OVERRIDES: dict = {
 }
 
 
+# ``preset: cpu``: the demo's CPU-sized CNN and training settings, and at most this many batches
+# (x 4096 triples) per epoch, so an epoch costs the same on any catalogue (see README, DVBPR on a CPU)
+CPU_PRESET_MAX_BATCHES = 24
+CPU_PRESET: dict = {
+    **{k: v for k, v in DEMO_OVERRIDES.items() if k != "train"},
+    "train": {**{k: v for k, v in DEMO_OVERRIDES["train"].items() if k != "epochs"},
+              "max_batches_per_epoch": CPU_PRESET_MAX_BATCHES},
+}
+PRESETS = ("paper", "cpu")
+
+
 @dataclass
 class DVBPRConfig(TripleTrainedConfig):
     """Defaults: the paper's CNN-F at 224 px with K = 50 (real data, GPU). See :meth:`demo`."""
@@ -214,14 +293,37 @@ class DVBPRConfig(TripleTrainedConfig):
     dropout: float = 0.5
     image_cache_mb: int = 8192  # keep all resized images in memory when they fit in this budget
     cache_batch_size: int = 256  # images per CNN pass when building the inference cache
+    # "paper": the settings as given; "cpu": keys left at their paper defaults take CPU_PRESET's values
+    preset: str = "paper"
+    # training stops before it starts when one epoch is estimated longer than this (0 = no limit)
+    max_estimated_epoch_minutes: float = 60.0
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"DVBPRConfig.preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.preset == "cpu":
+            self._apply_cpu_preset()
         super().__post_init__()
         if self.k < 1 or self.gamma_dim < 0:
             raise ValueError(f"DVBPRConfig: k must be >= 1 and gamma_dim >= 0 (got {self.k}, {self.gamma_dim})")
         if self.input_size < 16:
             raise ValueError(f"DVBPRConfig.input_size must be >= 16, got {self.input_size}")
         cnn_spec(self.architecture)  # validates the name
+
+    def _apply_cpu_preset(self) -> None:
+        """Every key still at its paper default takes the CPU preset's value; keys given stay."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for key, value in CPU_PRESET.items():
+            if key != "train" and getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+        preset_train = CPU_PRESET["train"]
+        if isinstance(self.train, dict):
+            self.train = {**preset_train, **self.train}
+        else:
+            paper = type(self)._default_train()
+            self.train = replace(
+                self.train, **{k: v for k, v in preset_train.items() if getattr(self.train, k) == getattr(paper, k)}
+            )
 
     @classmethod
     def demo(cls, **overrides) -> "DVBPRConfig":
@@ -284,6 +386,43 @@ class DVBPR(TripleTrainedModel):
 
     def loss_options(self) -> dict:
         return {"reg": self.config.reg}
+
+    # ------------------------------------------------------------------ cost
+    def estimate_epoch_cost(self, data: RecData, inputs: FitInputs) -> CostEstimate:
+        """One epoch's wall time here: the CNN's forward+backward timed on a few images (and the image
+        loader on a few items), scaled by the distinct images of an epoch's batches and the inference
+        pass of each validation. Costs seconds (it builds the CNN, not the embeddings)."""
+        cfg = self.config
+        device = resolve_device(cfg.train.device)
+        est = _epoch_estimate(cfg, data, inputs, device)
+        options = []
+        if device.type != "cuda":
+            options.append("train on a GPU: set train.device to 'cuda' (or keep 'auto' on a machine with one)")
+        if cfg.preset != "cpu":
+            preset = _epoch_estimate(DVBPRConfig(preset="cpu", train={"device": cfg.train.device}), data, inputs, device)
+            options.append(
+                f"use the CPU preset: set preset: cpu in model_dvbpr's config (CNN-F layout at 64 px, 1/4 width, at "
+                f"most {CPU_PRESET_MAX_BATCHES} x 4096 triples per epoch): estimated {preset['epoch_seconds']:.0f} s "
+                "per epoch here"
+            )
+        options.append(
+            "skip DVBPR: leave model_dvbpr and evaluation_dvbpr out of the assets you materialize (the report "
+            "lists the models that ran)"
+        )
+        options.append("train anyway: raise max_estimated_epoch_minutes (0 = no limit)")
+        return CostEstimate(
+            model=self.name,
+            device=str(device),
+            epoch_seconds=est["epoch_seconds"],
+            setup_seconds=est["setup_seconds"],
+            basis=(
+                f"{est['batches']} batches x ~{est['distinct_images_per_batch']} distinct images of "
+                f"{cfg.input_size} px at {est['train_s_per_image'] * 1e3:.1f} ms per image (forward+backward, "
+                f"measured), + {data.n_items} images at {est['infer_s_per_image'] * 1e3:.1f} ms for validation"
+            ),
+            options=tuple(options),
+            details={k: v for k, v in est.items() if k not in ("epoch_seconds", "setup_seconds")},
+        )
 
     def optimizer(self, module: DVBPRModule) -> torch.optim.Optimizer:
         """Adam with weight decay on the CNN only (the embeddings' L2 is ``reg``, in the loss)."""
