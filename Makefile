@@ -10,13 +10,13 @@ export VISREC_DATASET ?= demo
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: help uv install demo test ui bench clean
+.PHONY: help uv install demo test ui bench bench-scale clean
 
 help:
 	@echo "make demo   set up and materialize the whole pipeline on VISREC_DATASET (default: bundled demo)"
 	@echo "make test   set up and run the whole test suite"
 	@echo "make ui     open the Dagster UI on http://$(HOST):$(PORT)"
-	@echo "make bench  run the benchmarks in bench/"
+	@echo "make bench  run the benchmarks in bench/ (bench/scale.py apart: make bench-scale)"
 
 uv:
 	@command -v uv >/dev/null 2>&1 || test -x "$(HOME)/.local/bin/uv" || python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
@@ -40,7 +40,11 @@ ui: install
 
 bench: uv
 	@$(UV) sync --frozen --quiet --group bench
-	@for b in bench/*.py; do echo "== $$b"; $(UV) run --frozen --group bench python $$b || exit 1; done
+	@for b in bench/*.py; do [ "$$b" = bench/scale.py ] && continue; echo "== $$b"; $(UV) run --frozen --group bench python $$b || exit 1; done
+
+# every model at 100k / 500k / 1M interactions: hours on 2 cores (SIZES=S for minutes)
+bench-scale: install
+	@$(UV) run --frozen --no-sync python bench/scale.py --sizes $${SIZES:-S,M,L}
 
 clean:
 	rm -rf data dagster_home/storage dagster_home/history dagster_home/logs dagster_home/schedules
