@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from visrec_pipeline.recsys.base import FitInputs
     from visrec_pipeline.recsys.data import RecData
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: feature maps computed in float16
 USER_ID_BASE = 1
 ITEM_ID_BASE = 10_000_000
 TS_START = 1_600_000_000  # 2020-09-13
@@ -212,6 +212,10 @@ class FeatureBlocks:
         self.gain /= self.gain.mean()
         self.noise_bank = rng.normal(0.0, 0.3, (4096, size.dim)).astype(np.float32)
         self.seed = seed
+        import torch
+
+        self.noise_bank16 = torch.from_numpy(self.noise_bank).half()
+        self.gain16 = torch.from_numpy(self.gain).half()
 
     def pooled(self, start: int, stop: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 19, start])
@@ -219,11 +223,16 @@ class FeatureBlocks:
         return np.maximum(self.common + self.centers[self.clusters[start:stop]] + noise, 0.0)
 
     def spatial(self, pooled: np.ndarray, start: int) -> np.ndarray:
+        import torch
+
         rng = np.random.default_rng([self.seed, 23, start])
-        # noise rows drawn from a fixed bank: generating 10^10 fresh normals would cost minutes
-        pick = rng.integers(0, self.noise_bank.shape[0], (pooled.shape[0], self.size.regions))
-        out = pooled[:, None, :] * self.gain[None, :, None] + self.noise_bank[pick]
-        return np.maximum(out, 0.0).astype(np.float16)
+        # noise rows drawn from a fixed bank (10^10 fresh normals would cost minutes); computed in
+        # torch float16, 3-4x faster than numpy's float32 pass and float16 cast at this size
+        pick = torch.from_numpy(rng.integers(0, self.noise_bank.shape[0], (pooled.shape[0], self.size.regions)))
+        out = self.noise_bank16[pick]
+        pooled16 = torch.from_numpy(pooled).half()
+        out.addcmul_(pooled16[:, None, :].expand_as(out), self.gain16[None, :, None])
+        return out.clamp_(min=0).numpy()
 
 
 def write_features(folder: Path, size: ScaleSize, clusters: np.ndarray, seed: int, *, block: int = 512) -> None:
@@ -242,7 +251,7 @@ def write_features(folder: Path, size: ScaleSize, clusters: np.ndarray, seed: in
             stop = min(start + block, n)
             pooled = gen.pooled(start, stop)
             pooled_fh.write(pooled.astype(np.float16).tobytes())
-            spatial_fh.write(gen.spatial(pooled, start).tobytes())
+            spatial_fh.write(memoryview(gen.spatial(pooled, start)).cast("B"))
             if start // block % 16 == 15:
                 # written pages are the kernel's to keep, but let them go to disk rather than pile up dirty
                 spatial_fh.flush()
