@@ -182,7 +182,11 @@ def _epoch_estimate(cfg: "DVBPRConfig", data: RecData, inputs: FitInputs, device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         cnn = ImageCNN(spec, cfg.input_size, cfg.k).to(device)
-    train_s, infer_s = _time_cnn(cnn, device, 2 if device.type == "cpu" else 64)
+    n_images = 2 if device.type == "cpu" else 64
+    train_s, infer_s = _time_cnn(cnn, device, n_images)
+    while train_s * n_images < 0.2 and n_images < 128:  # a cheap CNN: time it on batches closer to training's
+        n_images *= 4
+        train_s, infer_s = _time_cnn(cnn, device, n_images)
     del cnn
     n_items = max(data.n_items, 1)
     decode_s = 0.0
