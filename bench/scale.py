@@ -293,9 +293,8 @@ def run_size(size_name: str, models: list[str], args) -> dict:
                 record["reason"] = f"evaluation: {ev.get('reason')}"
         else:
             record["reason"] = f"fit: {fit.get('reason')}"
-        ckpt.unlink(missing_ok=True)
-        for suffix in (".sha256",):
-            Path(str(ckpt) + suffix).unlink(missing_ok=True)
+        ckpt.unlink(missing_ok=True)  # checkpoints of L run to GBs: keep the figures, not them
+        Path(f"{ckpt}.sha256").unlink(missing_ok=True)
         entry["models"][name] = record
         print(f"[{size.name}] {name}: {record['status']}"
               f" fit {fit.get('seconds')} s / peak {fit.get('peak_rss_gb')} GB"
@@ -349,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="S,M,L", help="comma-separated: XS, S, M, L (default S,M,L)")
     p.add_argument("--models", default=None, help="comma-separated registered models (default: all)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per step process (fit or evaluation)")
-    p.add_argument("--max-rss-gb", type=float, default=12.0,
-                   help="kill a step whose RSS passes this (0: never), reported as oom-killed")
+    p.add_argument("--max-rss-gb", type=float, default=8.0,
+                   help="kill a step whose RSS passes this (0: never), reported as oom-killed; 8 GB is the goal")
     p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads per step process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(data_dir / "bench" / "scale"), help="logs and scale.json")
