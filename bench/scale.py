@@ -25,7 +25,8 @@ past ``--timeout`` or past ``--max-rss-gb`` is killed and reported as ``timeout`
 one the system kills as ``oom-killed``, an exception as ``failed`` with its message. The baseline is
 linear scaling: each model's growth exponent from the smallest to the largest size (fit: in
 interactions; evaluation: in items x users; from the in-process ``fit``/``evaluate`` seconds) is
-printed with its ratio to 1.0, and each step's time relative to bpr_mf's at the same size. The last
+printed with its ratio to 1.0 (null where the small size's step took under 0.05 s), and each step's
+time relative to bpr_mf's at the same size. The last
 line printed is one JSON object (also written to ``<out>/scale.json``).
 """
 
@@ -233,8 +234,11 @@ def run_step(argv: list[str], log: Path, result: Path, *, timeout: float, max_rs
 # ------------------------------------------------------------------------------------ the bench
 
 
+MIN_SECONDS_FOR_EXPONENT = 0.05  # below this the small size's time is process noise, not growth
+
+
 def _exponent(t_small: float | None, t_large: float | None, n_small: float, n_large: float) -> float | None:
-    if not t_small or not t_large or t_small <= 0 or t_large <= 0 or n_large <= n_small:
+    if not t_small or not t_large or t_small < MIN_SECONDS_FOR_EXPONENT or t_large <= 0 or n_large <= n_small:
         return None
     return round(math.log(t_large / t_small) / math.log(n_large / n_small), 3)
 
