@@ -228,6 +228,10 @@ def test_pca_reduction_and_checkpoint_round_trip(syn, tmp_path):
     ckpt = load_checkpoint(path)
     fresh = build_model("acf", ckpt["config"])
     fresh.load_state_dict(ckpt["state"])  # no spatial features needed to score
+    assert set(ckpt["state"]) >= {"region_cache", "trained_rows"} and "ui_keys" not in ckpt["state"]
+    with pytest.raises(RuntimeError, match="attach_inputs"):  # long profiles need the training rows' times
+        fresh.score(batch)
+    fresh.attach_inputs(syn.data, FitInputs())  # the split it was fitted on minus validation: found
     assert torch.equal(fresh.score(batch), model.score(batch))
     assert torch.equal(fresh.explain(batch)[1], model.explain(batch)[1])
 
