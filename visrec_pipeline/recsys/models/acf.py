@@ -29,6 +29,15 @@ The profile is the user's ``max_profile_len`` most recent training items. During
 the positive item is left out of its own profile (its slot gets zero attention): at test
 time the item to predict is never in the profile, so training should not reward it.
 
+Memory: the spatial maps (``FitInputs.spatial``, a memory map or lazy rows from the store) are read
+in two streaming passes (per-position means, then projection); the PCA is fitted on
+``pca_sample_regions`` regions drawn uniformly over items and positions, of which only those
+regions are read. Only the projected table ``[n_items, R, region_pca_dim]`` float16 stays in RAM.
+An epoch's work is bounded by its triples: each batch attends over the profiles of its own
+distinct users only (at most ``batch_size x max_profile_len`` slots). The checkpoint keeps the
+weights, the PCA and the reduced region table, and the training-row count; the profile-recency
+lookup is rebuilt from the split by :meth:`ACF.attach_inputs`.
+
 ``u'`` does not depend on the candidate item, so scoring all items is ``u' @ V^T``. A user
 unknown to training gets ``u = 0`` and is represented by their profile's attention alone.
 :meth:`ACF.explain` returns both attentions, aligned with the batch's profile slots.
