@@ -228,6 +228,10 @@ def test_pca_reduction_and_checkpoint_round_trip(syn, tmp_path):
     ckpt = load_checkpoint(path)
     fresh = build_model("acf", ckpt["config"])
     fresh.load_state_dict(ckpt["state"])  # no spatial features needed to score
+    assert set(ckpt["state"]) >= {"region_cache", "trained_rows"} and "ui_keys" not in ckpt["state"]
+    with pytest.raises(RuntimeError, match="attach_inputs"):  # long profiles need the training rows' times
+        fresh.score(batch)
+    fresh.attach_inputs(syn.data, FitInputs())  # the split it was fitted on minus validation: found
     assert torch.equal(fresh.score(batch), model.score(batch))
     assert torch.equal(fresh.explain(batch)[1], model.explain(batch)[1])
 
@@ -253,3 +257,16 @@ def test_a_tiny_dataset_with_one_user():
     assert scores.shape == (1, 4) and torch.isfinite(scores).all()
     att, _ = model.explain(ScoreBatch(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)))
     assert att[0, 1] == 0 and att[0, 0] > 0 and att[0, 2] > 0  # item 11 (ts 1) is the oldest
+
+
+def test_a_checkpoint_refuses_data_it_was_not_fitted_on(syn):
+    fit, _ = syn.data.validation_split()
+    model = ACF(_config({"epochs": 1}, region_pca_dim=6, pca_sample_regions=500))
+    model.fit(fit, FitInputs(spatial=_spatial(syn.features), feature_mask=np.ones(syn.data.n_items, bool)))
+    state = model.state_dict()
+    assert int(state["trained_rows"]) == fit.train.nnz  # a count, not the rows
+    fresh = ACF(model.config)
+    fresh.load_state_dict(state)
+    fewer, _ = fit.validation_split()  # neither it nor its own fit part is what the model saw
+    with pytest.raises(ValueError, match=f"fitted on {fit.train.nnz} training rows"):
+        fresh.attach_inputs(fewer, FitInputs())

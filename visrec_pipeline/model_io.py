@@ -127,14 +127,15 @@ def build_inputs(
     item_ids = data.items.ids
     for need in needs:
         kind, _, backbone = need.partition(":")
+        # memory-mapped (or read row by row on demand), never gathered here: see store.open_features
         if kind == "features":
-            from visrec_pipeline.embeddings.store import load_pooled
+            from visrec_pipeline.embeddings.store import open_features
 
-            inputs.features, inputs.feature_mask = load_pooled(conn, ws.features_dir, backbone, item_ids)
+            inputs.features, inputs.feature_mask = open_features(conn, ws.features_dir, backbone, item_ids, "pooled")
         elif kind == "spatial":
-            from visrec_pipeline.embeddings.store import load_spatial
+            from visrec_pipeline.embeddings.store import open_features
 
-            inputs.spatial, mask = load_spatial(conn, ws.features_dir, backbone, item_ids)
+            inputs.spatial, mask = open_features(conn, ws.features_dir, backbone, item_ids, "spatial")
             if inputs.feature_mask is None:
                 inputs.feature_mask = mask
     if "triples_guided" in needs:

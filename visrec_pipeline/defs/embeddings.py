@@ -15,7 +15,7 @@ from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.devices import resolve_device
-from visrec_pipeline.embeddings import preview, store, update
+from visrec_pipeline.embeddings import bring_your_own, preview, store, update
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
 from visrec_pipeline.embeddings.extract import load_backbone
 from visrec_pipeline.embeddings.kmeans import ClusterState, assign, kmeans, l2_normalize
@@ -115,6 +115,41 @@ def _embedding_metadata(
     return metadata
 
 
+def _register_brought(
+    context: dg.AssetExecutionContext,
+    ws: Workspace,
+    spec: BackboneSpec,
+    brought: bring_your_own.BroughtFiles,
+    duckdb: VisrecDuckDB,  # type: ignore[valid-type]
+) -> dg.MaterializeResult:
+    context.log.info(f"{spec.name}: precomputed features in {brought.pooled.parent}: validating and registering them")
+    done = bring_your_own.register(duckdb.get_connection, ws.features_dir, brought, spec.revision)
+    context.log.info(
+        f"{spec.name}: {done.items} items of precomputed features "
+        + ("already registered (same files)" if done.reused else f"copied into shard {done.shard}")
+    )
+    files = pd.DataFrame(
+        [(name, d.bytes, d.sha256) for name, d in sorted(done.files.items())], columns=["file", "bytes", "sha256"]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "items_served": done.items,
+            "source": bring_your_own.WEIGHTS_USED,
+            "weights_used": bring_your_own.WEIGHTS_USED,
+            "weights_tag": done.weights_tag,
+            "reused": done.reused,
+            "pooled_dim": done.dim,
+            "spatial_shape": (
+                f"{done.spatial_shape[0]} x {done.spatial_shape[1]} (regions x channels, float16)"
+                if done.spatial_shape else "none"
+            ),
+            "files": dg.MetadataValue.md(files.to_markdown(index=False)),
+            "shard_files_removed": done.files_removed,
+            "features_dir": dg.MetadataValue.path(str(ws.features_dir / spec.name)),
+        }
+    )
+
+
 def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
     """The ``embeddings_<spec.name>`` asset."""
     spatial_text = f"; spatial `{spec.spatial_node}` map stored float16 as [n, regions, channels]" if spec.spatial_node else ""
@@ -135,6 +170,9 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         ws = settings.workspace.ensure()
         similar_previews = ws.previews_dir / f"similar_{spec.name}"
         remove_leftover_temps(context, ws.features_dir / spec.name, similar_previews, ws.init_cache_dir)
+        brought = bring_your_own.find(ws.dataset_dir, spec.name)
+        if brought is not None:  # the dataset ships its features: register them, compute nothing
+            return _register_brought(context, ws, spec, brought, duckdb)
         backbone = load_backbone(
             spec,
             config.weights,
@@ -210,11 +248,12 @@ def embedding_coverage_check(asset: dg.AssetsDefinition, spec: BackboneSpec) -> 
             store.ensure_tables(conn)
             n_ok = images_table.ok_count(conn)
             missing_files = store.missing_shards(conn, ws.features_dir, spec.name)
-            served = len(store.snapshot(conn, ws.features_dir, spec.name).item_ids) if store.feature_provenance(
-                conn, spec.name
-            ) else 0
+            prov = store.feature_provenance(conn, spec.name)
+            served = len(store.snapshot(conn, ws.features_dir, spec.name).item_ids) if prov else 0
+        # features brought with the dataset need no image: every row they hold is served
+        brought = prov.get("weights_used") == bring_your_own.WEIGHTS_USED
         return dg.AssetCheckResult(
-            passed=not missing_files and served == n_ok,
+            passed=not missing_files and (served == n_ok or (brought and served == prov.get("n_items"))),
             severity=dg.AssetCheckSeverity.ERROR if missing_files else dg.AssetCheckSeverity.WARN,
             metadata={"ok_images": int(n_ok), "served": served, "missing_shard_files": len(missing_files)},
         )

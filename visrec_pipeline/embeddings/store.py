@@ -33,6 +33,7 @@ from visrec_pipeline import db
 from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.diskspace import no_space_error, require_free_space, reserve
 from visrec_pipeline.embeddings import shard_files
+from visrec_pipeline.embeddings.feature_rows import FeatureRows
 from visrec_pipeline.embeddings.shard_files import DamagedShardError, FileDigest
 
 KINDS = ("ids", "pooled", "spatial")
@@ -485,6 +486,42 @@ class FeatureSnapshot:
         return _gather(self, _ids(item_ids), "spatial", shape, np.float16)
 
 
+    def row_shape(self, kind: str) -> tuple[int, ...]:
+        prov = self.provenance
+        if kind == "pooled":
+            return (int(prov["pooled_dim"]),)
+        if prov.get("spatial_regions") is None:
+            raise FeaturesNotFoundError(f"backbone {self.backbone!r} stores no spatial features")
+        return int(prov["spatial_regions"]), int(prov["spatial_channels"])
+
+    def open(self, item_ids, kind: str):
+        """See :func:`open_features` (this snapshot's rows; no connection needed)."""
+        item_ids = _ids(item_ids)
+        shape, dtype = self.row_shape(kind), (np.float32 if kind == "pooled" else np.float16)
+        served = self.served
+        have = served["item_id"].to_numpy(np.int64)  # sorted by the query
+        pos = np.minimum(np.searchsorted(have, item_ids), max(len(have) - 1, 0))
+        found = (have[pos] == item_ids) if len(have) else np.zeros(len(item_ids), bool)
+        keys = pd.MultiIndex.from_arrays([served["weights_tag"], served["shard"]])
+        codes, uniques = pd.factorize(keys)
+        shard_of = np.where(found, codes[pos] if len(have) else -1, -1).astype(np.int32)
+        rows = np.where(found, served["row"].to_numpy(np.int64)[pos] if len(have) else 0, 0)
+        shards = [tuple(u) for u in uniques]
+        for s in np.unique(shard_of[shard_of >= 0]).tolist():  # the ids file holds what the index says
+            at = np.flatnonzero(shard_of == s)
+            order = np.argsort(rows[at], kind="stable")
+            _open_shard(self, *shards[s], kind, shape, rows[at][order], item_ids[at][order])
+        if len(item_ids) and found.all() and len(shards) == 1 and np.array_equal(rows, rows[0] + np.arange(len(rows))):
+            whole = _open_shard(self, *shards[0], kind, shape, rows[:1], item_ids[:1])
+            return whole[rows[0] : rows[0] + len(rows)], found  # a memmap view: nothing read yet
+
+        def opener(s: int) -> np.ndarray:
+            tag, shard = shards[s]
+            return _map_checked(self.features_dir, self.backbone, tag, shard, kind, self.digests)
+
+        return FeatureRows(shard_of, rows, shape, dtype, opener, len(shards)), found
+
+
 def _ids(item_ids) -> np.ndarray:
     return np.asarray(item_ids, dtype=np.int64).reshape(-1)
 
@@ -571,6 +608,29 @@ def load_pooled(db_path, features_dir, backbone: str, item_ids) -> tuple[np.ndar
 def load_spatial(db_path, features_dir, backbone: str, item_ids) -> tuple[np.ndarray, np.ndarray]:
     """Spatial maps float16 ``[n, regions, channels]`` (ResNet-50: 49 x 2048) and a bool mask ``[n]``."""
     return _load(db_path, features_dir, backbone, item_ids, "spatial")
+
+
+def open_features(conn_or_path, features_dir, backbone: str, item_ids, kind: str = "pooled"):
+    """``(rows, mask)``: ``backbone``'s ``kind`` (``pooled`` or ``spatial``) features aligned with
+    ``item_ids``, read without gathering them into memory, and a bool mask ``[n]`` (False: no
+    current features; such rows read as zeros).
+
+    ``rows`` is the shard's read-only ``np.memmap`` itself when the requested items are one
+    contiguous run of rows of one shard in the same order (every catalogue item has features and
+    the shards are compacted, or the features were brought with the dataset); otherwise a
+    :class:`~visrec_pipeline.embeddings.feature_rows.FeatureRows` that reads only the rows a call
+    asks for. Both have ``shape``, ``dtype``, ``ndim`` and numpy indexing; scan them with
+    :func:`visrec_pipeline.recsys.row_blocks.iter_row_blocks`."""
+    if kind not in ("pooled", "spatial"):
+        raise ValueError(f"unknown feature kind {kind!r}: pooled or spatial")
+    for attempt in (1, 2):  # a shard compacted away between the index read and the open: read again once
+        snap = snapshot(conn_or_path, features_dir, backbone)
+        try:
+            return snap.open(item_ids, kind)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _provenance_from(conn_or_path, backbone: str) -> dict:

@@ -35,15 +35,18 @@ class FitInputs:
 
     ``features``: pooled CNN features ``[n_items, d]`` float32 (zeros where no image);
     ``feature_mask``: bool ``[n_items]`` True where the item has features;
-    ``spatial``: ``[n_items, regions, channels]`` float16 (memory-mapped);
+    ``spatial``: ``[n_items, regions, channels]`` float16.
+    From the feature store both are read-only and not in RAM: an ``np.memmap`` or a lazy
+    ``FeatureRows`` (numpy indexing, ``shape``, ``dtype``); models read them block by block with
+    :func:`~visrec_pipeline.recsys.row_blocks.iter_row_blocks` (a plain array works the same);
     ``images``: callable ``(item_idx LongTensor) -> uint8 tensor [b, 3, H, W]``;
     ``creators``/``clusters``: int64 ``[n_items]`` (-1 unknown);
     ``validation``: the holdout carved from training rows for early stopping.
     """
 
-    features: np.ndarray | None = None
+    features: Any = None  # np.ndarray | np.memmap | FeatureRows
     feature_mask: np.ndarray | None = None
-    spatial: np.ndarray | None = None
+    spatial: Any = None  # np.ndarray | np.memmap | FeatureRows
     images: Callable[[torch.Tensor], torch.Tensor] | None = None
     creators: np.ndarray | None = None
     clusters: np.ndarray | None = None

@@ -29,6 +29,15 @@ The profile is the user's ``max_profile_len`` most recent training items. During
 the positive item is left out of its own profile (its slot gets zero attention): at test
 time the item to predict is never in the profile, so training should not reward it.
 
+Memory: the spatial maps (``FitInputs.spatial``, a memory map or lazy rows from the store) are read
+in two streaming passes (per-position means, then projection); the PCA is fitted on
+``pca_sample_regions`` regions drawn uniformly over items and positions, of which only those
+regions are read. Only the projected table ``[n_items, R, region_pca_dim]`` float16 stays in RAM.
+An epoch's work is bounded by its triples: each batch attends over the profiles of its own
+distinct users only (at most ``batch_size x max_profile_len`` slots). The checkpoint keeps the
+weights, the PCA and the reduced region table, and the training-row count; the profile-recency
+lookup is rebuilt from the split by :meth:`ACF.attach_inputs`.
+
 ``u'`` does not depend on the candidate item, so scoring all items is ``u' @ V^T``. A user
 unknown to training gets ``u = 0`` and is represented by their profile's attention alone.
 :meth:`ACF.explain` returns both attentions, aligned with the batch's profile slots.
@@ -49,9 +58,11 @@ from visrec_pipeline.recsys.base import FitInputs, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import CSR, Holdout, RecData
 from visrec_pipeline.recsys.evaluate import holdout_batches
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.row_blocks import iter_row_blocks
 from visrec_pipeline.recsys.trainer import TrainConfig
 from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
+_BLOCK = 256  # items per block of a streaming pass over the spatial maps (25 MB of float16 at 49 x 2048)
 _INT64_MAX = np.iinfo(np.int64).max
 _INT64_MIN = np.iinfo(np.int64).min
 
@@ -119,20 +130,21 @@ def normalised_entropy(weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 # --------------------------------------------------------------------------------------------- regions
 
 
-def position_means(spatial: np.ndarray, has: np.ndarray) -> torch.Tensor:
+def position_means(spatial, has: np.ndarray) -> torch.Tensor:
     """``[R, C]``: the mean region vector at each of the ``R`` positions over the items with features
-    (``has``); a ValueError names the first items whose features are not finite."""
+    (``has``), in one streaming pass over ``spatial`` (an array, memory map or lazy feature rows: one
+    block in memory at a time); a ValueError names the first items whose features are not finite."""
     n, r, c = spatial.shape
     total = torch.zeros((r, c), dtype=torch.float64)
-    for s in range(0, n, 256):
-        rows = np.flatnonzero(has[s : s + 256]) + s
-        if rows.size:
-            x = torch.from_numpy(np.asarray(spatial[rows], dtype=np.float32)).sum(0, dtype=torch.float64)
-            if not torch.isfinite(x).all():
-                x = torch.from_numpy(np.asarray(spatial[rows], dtype=np.float32))
-                bad = rows[~torch.isfinite(x).flatten(1).all(1).numpy()]
+    for s, block in iter_row_blocks(spatial, _BLOCK):
+        keep = np.flatnonzero(has[s : s + len(block)])
+        if keep.size:
+            x = torch.from_numpy(np.asarray(block[keep], dtype=np.float32))
+            part = x.sum(0, dtype=torch.float64)
+            if not torch.isfinite(part).all():
+                bad = keep[~torch.isfinite(x).flatten(1).all(1).numpy()] + s
                 raise ValueError(f"non-finite spatial features for item indices {bad[:5].tolist()} (first 5)")
-            total += x
+            total += part
     return (total / max(int(has.sum()), 1)).float()
 
 
@@ -145,8 +157,10 @@ def fit_region_pca(
     seed: int,
     offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, basis [C, dim])``: the top principal directions of region vectors sampled
-    uniformly from the regions of ``candidates`` (randomised SVD, seeded; about 1 s on one core).
+    """``(mean, basis [C, dim])``: the top principal directions of ``n_samples`` region vectors
+    sampled uniformly from the regions of ``candidates`` (randomised SVD, seeded; about 1 s on one
+    core). Only the sampled regions are read (``spatial[items, regions]``: one 4 KB row each from a
+    memory map), so the fit costs the same at 1k or 100k items.
 
     ``offsets`` (``[R, C]``, see :func:`position_means`) is subtracted from each region by position
     and returned as ``mean``; without it ``mean`` is the samples' mean ``[C]``.
@@ -172,22 +186,21 @@ def fit_region_pca(
     return mean, basis * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def project_regions(
-    spatial: np.ndarray, mean: torch.Tensor | None, basis: torch.Tensor | None, has: np.ndarray
-) -> torch.Tensor:
+def project_regions(spatial, mean: torch.Tensor | None, basis: torch.Tensor | None, has: np.ndarray) -> torch.Tensor:
     """``[n_items, R, D]`` float16 table: regions minus ``mean`` (``[C]`` or ``[R, C]``; none: as they
-    are), projected on ``basis`` when given; rows of items without features are zero."""
+    are), projected on ``basis`` when given; rows of items without features are zero. One streaming
+    pass: only the projected table is kept (100k items x 49 x 128: 1.2 GB, the raw maps 20 GB)."""
     n, r, c = spatial.shape
     d = c if basis is None else basis.shape[1]
     out = torch.zeros((n, r, d), dtype=torch.float16)
-    for s in range(0, n, 256):
-        x = torch.from_numpy(np.asarray(spatial[s : s + 256], dtype=np.float32))
+    for s, block in iter_row_blocks(spatial, _BLOCK):
+        x = torch.from_numpy(np.asarray(block, dtype=np.float32))
         if mean is not None:
             x = x - mean
         if basis is not None:
             x = x @ basis
-        x = torch.where(torch.from_numpy(has[s : s + 256]).view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype))
-        out[s : s + 256] = x.half()
+        x = torch.where(torch.from_numpy(has[s : s + len(block)]).view(-1, 1, 1), x, torch.zeros((), dtype=x.dtype))
+        out[s : s + len(block)] = x.half()
     return out
 
 
@@ -296,6 +309,8 @@ class ACF(TripleTrainedModel):
         self.region_rms = 1.0  # what fit divided the projected regions by
         self.ui_keys: torch.Tensor | None = None  # sorted user * n_items + item of the training rows
         self.ui_ts: torch.Tensor | None = None
+        self._attached: RecData | None = None  # data given to attach_inputs (the lookup is rebuilt from it)
+        self._trained_rows: int | None = None  # training rows of a loaded checkpoint
 
     # ------------------------------------------------------------------ training
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
@@ -347,9 +362,11 @@ class ACF(TripleTrainedModel):
             self.region_rms = float(table[rows].float().pow(2).mean().sqrt().clamp(min=1e-6))
             for s in range(0, table.shape[0], 1024):
                 table[s : s + 1024] = (table[s : s + 1024].float() / self.region_rms).half()
-        if not torch.isfinite(table.float().sum((1, 2))).all():
-            bad = torch.nonzero(~torch.isfinite(table.float().sum((1, 2)))).squeeze(1)[:5].tolist()
-            raise ValueError(f"{self.name}: non-finite spatial features for item indices {bad} (first 5)")
+        for s in range(0, table.shape[0], 1024):  # blockwise: a float32 copy of the table is 2.5 GB at 100k items
+            finite = torch.isfinite(table[s : s + 1024].float().sum((1, 2)))
+            if not finite.all():
+                bad = (torch.nonzero(~finite).squeeze(1)[:5] + s).tolist()
+                raise ValueError(f"{self.name}: non-finite spatial features for item indices {bad} (first 5)")
         return table
 
     def build_module(self, data: RecData, inputs: FitInputs, device: torch.device) -> tuple[nn.Module, dict]:
@@ -358,9 +375,7 @@ class ACF(TripleTrainedModel):
         module = self.seeded(lambda: ACFModule(data.n_users, data.n_items, table.shape[2], cfg.dim, cfg.attention_dim))
         items, mask = _recent_profiles(data.train, data.train_ts, cfg.max_profile_len)
         module.regions, module.train_items, module.train_mask = table, items, mask
-        keys = data.train.row_ids() * data.n_items + data.train.indices  # sorted (CSR order)
-        self.ui_keys = torch.as_tensor(keys)
-        self.ui_ts = torch.as_tensor(np.asarray(data.train_ts, np.int64))
+        self._set_training_rows(data)
         notes = {
             "region_table": {
                 "regions": int(table.shape[1]),
@@ -412,6 +427,8 @@ class ACF(TripleTrainedModel):
         if width <= keep:
             slot = torch.arange(width, device=device).expand(b, -1)
             return slot, items, mask
+        if self.ui_keys is None:
+            raise RuntimeError(f"{self.name}: call attach_inputs(data, inputs) after loading a checkpoint, before scoring")
         n_items = self.module.item.num_embeddings
         user = batch.user_idx.to(device).long()
         keys = self.ui_keys.to(device)
@@ -512,20 +529,50 @@ class ACF(TripleTrainedModel):
             "component_images": int(comp_h.numel()),
         }
 
+    # ------------------------------------------------------------------ training rows
+    def _set_training_rows(self, data: RecData) -> None:
+        """The (user, item) -> time lookup of ``data``'s training rows that :meth:`_select_profile` reads."""
+        keys = data.train.row_ids() * data.n_items + data.train.indices  # sorted (CSR order)
+        self.ui_keys = torch.as_tensor(keys)
+        self.ui_ts = torch.as_tensor(np.asarray(data.train_ts, np.int64))
+
+    def attach_inputs(self, data: RecData, inputs: FitInputs) -> None:
+        """Rebuild the training-row lookup from the data (the checkpoint does not store training rows):
+        ``data`` itself if the model was fitted on all its training rows, else ``data`` minus its
+        validation rows (``data.validation_split()``, what ``pipeline.train_model`` fits on). Called by
+        ``pipeline.load_trained`` before :meth:`load_state_dict`; either order works."""
+        self._attached = data
+        if self._trained_rows is not None:
+            self._resolve_training_rows()
+
+    def _resolve_training_rows(self) -> None:
+        data, want = self._attached, self._trained_rows
+        for candidate in (data, None):
+            fit = candidate if candidate is not None else data.validation_split()[0]
+            if fit.train.nnz == want and fit.n_items == self.module.item.num_embeddings:
+                self._set_training_rows(fit)
+                return
+        raise ValueError(
+            f"{self.name}: the checkpoint was fitted on {want} training rows; the data given has "
+            f"{data.train.nnz} ({data.validation_split()[0].train.nnz} without its validation rows): "
+            "re-train the model on this data"
+        )
+
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights, the reduced region table (inference's item side: [n_items, R, dim] float16) and the PCA;
+        not the training rows: :meth:`attach_inputs` rebuilds their lookup from the split."""
         module = self.trained_module()
         state = {f"module.{k}": v for k, v in module.state_dict().items()}
         state["region_cache"] = self._cache()
-        state["ui_keys"] = self.ui_keys
-        state["ui_ts"] = self.ui_ts
+        state["trained_rows"] = torch.tensor(int(self.ui_keys.numel()) if self.ui_keys is not None else 0)
         if self.pca_basis is not None:
             state["pca_mean"], state["pca_basis"] = self.pca_mean, self.pca_basis
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         cfg = self.config
-        required = ("module.user.weight", "module.reduce.weight", "region_cache", "ui_keys", "ui_ts")
+        required = ("module.user.weight", "module.reduce.weight", "region_cache", "trained_rows")
         missing = [k for k in required if k not in state]
         if missing:
             raise KeyError(f"{self.name}: state lacks {missing}")
@@ -543,8 +590,11 @@ class ACF(TripleTrainedModel):
         module.load_state_dict(weights)
         self.module = module.to(device).eval()
         self.region_cache = state["region_cache"].half().to(device)
-        self.ui_keys, self.ui_ts = state["ui_keys"].long(), state["ui_ts"].long()
         self.pca_mean, self.pca_basis = state.get("pca_mean"), state.get("pca_basis")
+        self._trained_rows = int(state["trained_rows"])
+        self.ui_keys = self.ui_ts = None
+        if self._attached is not None:
+            self._resolve_training_rows()
 
 
 register(

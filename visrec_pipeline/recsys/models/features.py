@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from visrec_pipeline.recsys.base import FitInputs
+from visrec_pipeline.recsys.row_blocks import iter_row_blocks
 
 
 def pooled_features(inputs: FitInputs, n_items: int, *, model: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,23 +14,30 @@ def pooled_features(inputs: FitInputs, n_items: int, *, model: str) -> tuple[tor
     or misaligned. Rows without an image are zeroed so they add nothing to any score."""
     if inputs.features is None:
         raise ValueError(f"{model} needs pooled visual features (FitInputs.features) but none were given")
-    feats = np.asarray(inputs.features)
-    if feats.ndim != 2 or feats.shape[0] != n_items:
+    feats = inputs.features
+    shape = tuple(getattr(feats, "shape", np.shape(feats)))
+    if len(shape) != 2 or shape[0] != n_items:
         raise ValueError(
-            f"{model}: FitInputs.features has shape {feats.shape}; expected [n_items={n_items}, d] aligned with the item index"
+            f"{model}: FitInputs.features has shape {shape}; expected [n_items={n_items}, d] aligned with the item index"
         )
-    f = torch.as_tensor(np.ascontiguousarray(feats, dtype=np.float32))
     if inputs.feature_mask is not None:
         mask = torch.as_tensor(np.asarray(inputs.feature_mask, dtype=bool))
         if mask.shape != (n_items,):
             raise ValueError(f"{model}: FitInputs.feature_mask has shape {tuple(mask.shape)}; expected ({n_items},)")
     else:
         mask = torch.ones(n_items, dtype=torch.bool)
-    bad = ~torch.isfinite(f).all(1) & mask
+    # the one in-RAM copy, filled block by block (a memory-mapped input is never resident all at once)
+    f = torch.empty(shape, dtype=torch.float32)
+    bad = torch.zeros(n_items, dtype=torch.bool)
+    for start, rows in iter_row_blocks(feats):
+        block = f[start : start + len(rows)]
+        block.copy_(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
+        bad[start : start + len(rows)] = ~torch.isfinite(block).all(1)
+    bad &= mask
     if bool(bad.any()):
         rows = torch.nonzero(bad).squeeze(1)[:5].tolist()
         raise ValueError(f"{model}: non-finite feature values for item indices {rows} (first 5)")
-    f = torch.where(mask.unsqueeze(1), f, torch.zeros((), dtype=f.dtype))
+    f[~mask] = 0.0
     return f, mask
 
 
