@@ -39,9 +39,55 @@ def demo_run_config(on_gpu: bool) -> dict:
         return {}
     from visrec_pipeline.recsys.models.dvbpr import DEMO_OVERRIDES
 
-    epochs = {"model_vbpr": 15, "model_bpr_mf": 20, "model_acf": 8, "model_curatornet": 6, "model_curatornet_random": 6}
-    caps = {"model_dvbpr": copy.deepcopy(DEMO_OVERRIDES), **{op: {"train": {"epochs": n}} for op, n in epochs.items()}}
+    caps = {
+        "model_dvbpr": copy.deepcopy(DEMO_OVERRIDES),
+        **{f"model_{name}": {"train": {"epochs": n}} for name, n in DEMO_EPOCHS.items()},
+    }
     return {"ops": {op: {"config": cfg} for op, cfg in caps.items()}}
+
+
+# the CPU demo's epoch caps, shared by the demo run and the tuning run
+DEMO_EPOCHS = {"vbpr": 15, "bpr_mf": 20, "acf": 8, "curatornet": 6, "curatornet_random": 6}
+TUNING_JOB = "visrec_tuning"
+
+
+def tuning_run_config(on_gpu: bool) -> dict:
+    """Op config of ``visrec_tuning`` on the CPU demo: every trial capped at the demo's epochs."""
+    if on_gpu:
+        return {}
+    return {"ops": {f"tuning_{name}": {"config": {"max_epochs": n}} for name, n in DEMO_EPOCHS.items()}}
+
+
+def tuning_job():
+    from visrec_pipeline.definitions import defs
+
+    return defs.resolve_job_def(TUNING_JOB)
+
+
+def run_tuning(in_process: bool = False) -> int:
+    """``visrec_tuning`` (every tuning_<model> but DVBPR's) on ``VISREC_DATASET``, its upstream assets
+    already materialized (``make demo``)."""
+    import dagster as dg
+    import torch
+
+    from visrec_pipeline.paths import Workspace
+
+    home = _ensure_dagster_home()
+    ws = Workspace.from_env()
+    run_config: dict = {"execution": {"config": {"in_process": {}}}} if in_process else {}
+    if ws.is_demo:
+        run_config.update(tuning_run_config(torch.cuda.is_available()))
+    print(f"visrec-pipeline tuning: dataset={ws.dataset!r} DAGSTER_HOME={home}", flush=True)
+    started = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(
+            dg.reconstructable(tuning_job), instance=instance, run_config=run_config, raise_on_error=False
+        )
+    print(f"Run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {time.perf_counter() - started:.1f} s")
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            print(f"FAILED step {event.step_key}: {event.event_specific_data.error.message.strip()}", file=sys.stderr)
+    return 0 if result.success else 1
 
 
 def run_demo(in_process: bool = False) -> int:
@@ -107,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the whole asset graph on VISREC_DATASET")
     demo.add_argument("--in-process", action="store_true", help="run every step in this process")
+    tune = sub.add_parser("tune", help="run every tuning_<model> asset but DVBPR's (job visrec_tuning)")
+    tune.add_argument("--in-process", action="store_true", help="run every step in this process")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(in_process=args.in_process)
+    if args.command == "tune":
+        return run_tuning(in_process=args.in_process)
     return 2
 
 

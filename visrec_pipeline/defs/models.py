@@ -60,13 +60,25 @@ def upstream_keys(spec: ModelSpec) -> list[dg.AssetKey]:
 
 
 def config_class(spec: ModelSpec) -> type[dg.Config]:
-    """A Dagster ``Config`` mirroring the model's dataclass config (one source of truth)."""
+    """A Dagster ``Config`` mirroring the model's dataclass config (one source of truth), plus how to
+    train: ``use_tuned`` and ``refit`` (``pipeline.train_model``)."""
     name = "".join(part.title() for part in spec.name.split("_")) + "Config"
-    return config_class_for(spec.config_cls, name)
+    return pydantic.create_model(
+        name + "WithTraining",
+        __base__=config_class_for(spec.config_cls, name),
+        use_tuned=(bool, pydantic.Field(default=False, description=f"train with the best configuration of the "
+                   f"latest tuning_{spec.name} run (table tuning_trials) over the keys it searched")),
+        refit=(bool, pydantic.Field(default=False, description="after the early-stopped fit, retrain on all the "
+               "split's training rows (validation rows included) for the epochs (EASE: the lambda) it chose")),
+    )
+
+
+_TRAINING_OPTIONS = ("use_tuned", "refit")
 
 
 def _to_model_config(spec: ModelSpec, config: dg.Config) -> dict:
-    return to_dataclass_kwargs(spec.config_cls, config)
+    values = to_dataclass_kwargs(spec.config_cls, config)
+    return {k: v for k, v in values.items() if k not in _TRAINING_OPTIONS}
 
 
 class EvaluationConfig(dg.Config):
@@ -90,14 +102,24 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         code_version=CODE_VERSION,
         kinds={"pytorch"},
         automation_condition=model_cadence(),
-        description=f"{spec.description} Trained on the split's training rows; checkpoint under models/{name}/.",
+        description=f"{spec.description} Trained on the split's training rows minus each user's most recent one "
+        "(the validation rows, which early stopping watches); with config refit, retrained on all the split's "
+        f"training rows for the epochs validation chose. use_tuned: the config of tuning_{name}'s best trial. "
+        f"Checkpoint under models/{name}/.",
     )
     def model_asset(
         context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
     ) -> dg.MaterializeResult:
         remove_leftover_temps(context, settings.workspace.models_dir / name)
         with recording_step_memory(context):  # a step the OS kills still tells its peak memory
-            trained = train_model(settings.workspace, name, _to_model_config(spec, config), log=context.log)
+            trained = train_model(
+                settings.workspace,
+                name,
+                _to_model_config(spec, config),
+                use_tuned=config.use_tuned,
+                refit=config.refit,
+                log=context.log,
+            )
         # the checkpoint's own hash: a retraining (new data or new config) is a new version downstream
         return dg.MaterializeResult(
             metadata=_training_metadata(trained), data_version=dg.DataVersion(trained.checkpoint_sha256[:16])
@@ -142,7 +164,12 @@ def _training_metadata(trained: TrainedModel) -> dict:
         "n_items": trained.n_items,
         "n_train_rows": trained.n_train_rows,
         "n_validation_users": trained.n_validation_users,
+        "refit": trained.refit,
     }
+    if trained.tuned is not None:
+        metadata["tuned_from"] = dg.MetadataValue.json(trained.tuned)
+    if trained.validation_fit is not None:
+        metadata["validation_fit"] = dg.MetadataValue.json(_jsonable(trained.validation_fit))
     if trained.features:
         metadata["features"] = dg.MetadataValue.json(trained.features)
     if history.loss:

@@ -13,10 +13,12 @@ from visrec_pipeline.model_io import build_inputs, load_rec_data
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline.provenance import read_training_provenance
 from visrec_pipeline.pipeline.trained import checkpoint_path
+from visrec_pipeline.pipeline.tuning_store import require_tuned
 from visrec_pipeline.recsys.base import TrainHistory
 from visrec_pipeline.recsys.checkpoint import recorded_sha256, save_checkpoint
 from visrec_pipeline.recsys.cost import check_before_fit
 from visrec_pipeline.recsys.registry import build_model, get_spec
+from visrec_pipeline.recsys.search_spaces import merge_overrides
 
 
 @dataclass(frozen=True)
@@ -34,25 +36,48 @@ class TrainedModel:
     lineage: dict  # batches, embeddings and triples (lineage.training_lineage)
     n_users: int
     n_items: int
-    n_train_rows: int  # training rows after the validation rows were taken out
+    n_train_rows: int  # training rows the final weights were fit on (without the validation rows unless refit)
     n_validation_users: int
+    refit: bool = False  # retrained on all training rows after the early-stopped fit
+    tuned: dict | None = None  # the tuning trial the config came from (use_tuned), else None
+    validation_fit: dict | None = None  # refit only: what the early-stopped fit on the validation split chose
 
 
 def train_model(
-    ws: Workspace, name: str, config: dict | None = None, *, log: logging.Logger | None = None
+    ws: Workspace,
+    name: str,
+    config: dict | None = None,
+    *,
+    use_tuned: bool = False,
+    refit: bool = False,
+    log: logging.Logger | None = None,
 ) -> TrainedModel:
-    """Fit model ``name`` (its default config updated by ``config``) on the split's training rows
-    minus a validation row per user, and write ``models/<name>/<name>.pt``; ``log`` (optional)
+    """Fit model ``name`` (its default config updated by ``config``) and write ``models/<name>/<name>.pt``.
+
+    It trains on the split's training rows minus each user's most recent row, the validation rows
+    that early stopping (and EASE's lambda grid) watch. ``use_tuned``: the best trial of the model's
+    latest finished tuning run (``tuning_trials``) overrides the keys it searched (a
+    ``NoTuningError`` without one). ``refit``: then trains a fresh model on ALL the split's training
+    rows, validation rows included, with what validation chose (``Recommender.refit_overrides``: the
+    best epoch count, EASE's lambda) and no validation, and keeps that one. ``log`` (optional)
     receives the model's training log."""
     spec = get_spec(name)
     ws = ws.ensure()
     with db.connect(ws.db_path) as conn:
         data = load_rec_data(conn)
         provenance = read_training_provenance(conn, spec.needs)
+        tuned = require_tuned(conn, name, str(ws.db_path)) if use_tuned else None
     fit_data, validation = data.validation_split()
     inputs = build_inputs(ws, spec.needs, fit_data)
     inputs.validation = validation
     model_config = dict(config or {})
+    if tuned is not None:
+        model_config = merge_overrides(model_config, tuned.overrides)
+        same_split = _same_split(tuned.data_versions, provenance.versions)
+        if log is not None:
+            log.info("use_tuned: trial %d of tuning run %s (validation %.5f): %s", tuned.trial, tuned.run_id, tuned.value, tuned.params)
+            if not same_split:
+                log.warning("use_tuned: tuning run %s tuned on another split; re-materialize tuning_%s", tuned.run_id, name)
     model = build_model(name, model_config)
     if log is not None:
         model.log = log  # type: ignore[assignment]
@@ -60,6 +85,29 @@ def train_model(
     estimate = check_before_fit(model, fit_data, inputs, log=log)
     started = time.perf_counter()
     history = model.fit(fit_data, inputs)
+    n_fit_rows = int(fit_data.train.nnz)
+    validation_fit = None
+    if refit:
+        chosen = model.refit_overrides(history)
+        validation_fit = {
+            "n_train_rows": n_fit_rows,
+            "best_epoch": history.best_epoch,
+            "epochs_run": len(history.loss),
+            "val_auc": list(history.val_auc),
+            "chosen": chosen,
+        }
+        model_config = merge_overrides(model_config, chosen)
+        model = build_model(name, model_config)
+        if log is not None:
+            model.log = log  # type: ignore[assignment]
+            log.info("refit on all %d training rows with %s", data.train.nnz, chosen)
+        all_inputs = build_inputs(ws, spec.needs, data)
+        # triples_guided holds triples of the rows minus the validation rows: without them, guided
+        # CuratorNet samples its guideline triples from all the rows it is given (its `guided` config)
+        all_inputs.extra.pop("triples_guided", None)
+        history = model.fit(data, all_inputs)
+        history.notes["validation_fit"] = validation_fit
+        n_fit_rows = int(data.train.nnz)
     train_seconds = time.perf_counter() - started
     if estimate is not None:
         history.notes["cost_estimate"] = estimate.as_dict()
@@ -85,6 +133,16 @@ def train_model(
         lineage=provenance.lineage,
         n_users=len(data.users),
         n_items=len(data.items),
-        n_train_rows=int(fit_data.train.nnz),
+        n_train_rows=n_fit_rows,
         n_validation_users=len(validation),
+        refit=refit,
+        tuned=None if tuned is None else {
+            "run_id": tuned.run_id, "trial": tuned.trial, "validation_value": tuned.value, "params": tuned.params,
+            "tuned_on_this_split": same_split,
+        },
+        validation_fit=validation_fit,
     )
+
+
+def _same_split(tuned_versions: dict, versions: dict) -> bool:
+    return all(tuned_versions.get(t) == versions.get(t) for t in ("split_train", "item_catalog"))

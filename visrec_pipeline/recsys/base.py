@@ -87,3 +87,9 @@ class Recommender(abc.ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`."""
+
+    def refit_overrides(self, history: TrainHistory) -> dict:
+        """Config overrides that retrain this model on all training rows, without validation rows, to
+        what validation chose in the fit that gave ``history`` (a number of epochs, a lambda); none by
+        default (nothing is chosen on validation)."""
+        return {}

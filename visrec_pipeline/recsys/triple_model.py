@@ -170,6 +170,10 @@ class TripleTrainedModel(Recommender):
         history.notes.update(input_notes)
         return history
 
+    def refit_overrides(self, history: TrainHistory) -> dict:
+        # the epoch early stopping kept, run to the end (a fit without validation keeps the last weights)
+        return {"train": {"epochs": int(history.best_epoch)}} if history.best_epoch else {}
+
     def _validator(self, data: RecData, inputs: FitInputs | None) -> Callable[[], float] | None:
         if inputs is None or inputs.validation is None or len(inputs.validation) == 0:
             return None

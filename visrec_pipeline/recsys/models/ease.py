@@ -188,6 +188,10 @@ class EASE(Recommender):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._set_state(state)
 
+    def refit_overrides(self, history: TrainHistory) -> dict:
+        # the lambda the validation grid chose, solved again without the grid
+        return {"l2": float(history.notes["lambda"]), "l2_grid": ()} if "lambda" in history.notes else {}
+
 
 def _dense(train: CSR, remap: np.ndarray, n_cols: int) -> torch.Tensor:
     X = torch.zeros((train.n_rows, n_cols), dtype=torch.float64)
