@@ -74,7 +74,10 @@ def _crash_cause(instance: dg.DagsterInstance, run_id: str, step_key: str, engin
     sample = step_memory.read(path)
     if sample:
         at = time.strftime("%H:%M:%S", time.localtime(sample["sampled_at"]))
-        cause += f"; peak memory {_size(int(sample['peak_rss_bytes']))} (resident, last sampled {at})"
+        cause += f"; peak memory {_size(int(sample['peak_rss_bytes']))} (resident, last sampled {at}"
+        if "available_bytes" in sample and "total_bytes" in sample:
+            cause += f", when the machine had {_size(int(sample['available_bytes']))} of {_size(int(sample['total_bytes']))} available"
+        cause += ")"
     else:
         cause += "; its peak memory was not recorded"
     return cause

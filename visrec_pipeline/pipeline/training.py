@@ -38,11 +38,17 @@ class TrainedModel:
 
 
 def train_model(
-    ws: Workspace, name: str, config: dict | None = None, *, log: logging.Logger | None = None
+    ws: Workspace,
+    name: str,
+    config: dict | None = None,
+    *,
+    log: logging.Logger | None = None,
+    path: Path | None = None,
 ) -> TrainedModel:
     """Fit model ``name`` (its default config updated by ``config``) on the split's training rows
-    minus a validation row per user, and write ``models/<name>/<name>.pt``; ``log`` (optional)
-    receives the model's training log."""
+    minus a validation row per user, and write ``models/<name>/<name>.pt`` (or ``path``: another
+    seed's file, see :mod:`visrec_pipeline.pipeline.seeds`); ``log`` (optional) receives the model's
+    training log."""
     spec = get_spec(name)
     ws = ws.ensure()
     with db.connect(ws.db_path) as conn:
@@ -58,7 +64,7 @@ def train_model(
     started = time.perf_counter()
     history = model.fit(fit_data, inputs)
     train_seconds = time.perf_counter() - started
-    path = checkpoint_path(ws, name)
+    path = checkpoint_path(ws, name) if path is None else Path(path)
     save_checkpoint(
         path,
         model_name=name,
