@@ -99,13 +99,6 @@ def trained_seeds(ws: Workspace, name: str) -> list[tuple[int, Path]]:
         record = json.loads(manifest_path(ws, name).read_text())
     except (OSError, ValueError):
         return out
-
-
-def _sha(path: Path) -> str | None:
-    try:
-        return recorded_sha256(path)
-    except CheckpointError:
-        return None  # an unreadable hash file: loading that checkpoint says so
     if not isinstance(record, dict) or not record.get("seed_0_sha256") or record["seed_0_sha256"] != _sha(main):
         return out  # written with an older seed-0 checkpoint
     for key, sha in sorted((record.get("seeds") or {}).items(), key=lambda kv: int(kv[0])):
