@@ -103,8 +103,13 @@ def failure_causes(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
         if error is not None and error.cls_name == "ChildProcessCrashException":
             causes[step_key] = _crash_cause(instance, run_id, step_key, engine.get(step_key, []))
         else:
+            # an error raised by the asset's code comes wrapped in Dagster's own: name the asset's
+            while error is not None and error.cls_name == "DagsterExecutionStepExecutionError" and error.cause:
+                error = error.cause
             first_line = (error.message.strip().splitlines() or [""])[0] if error is not None else "failed"
-            causes[step_key] = f"{error.cls_name if error else 'error'}: {first_line}"
+            cls_name = error.cls_name if error is not None else "error"
+            first_line = first_line.removeprefix(f"{cls_name}: ")  # the message may already start with it
+            causes[step_key] = f"{cls_name}: {first_line}"
     return causes
 
 

@@ -79,10 +79,19 @@ def write_benchmark_report(
         rows = rows[~rows["model"].isin(list(failed))]
         warning = weights_warning(conn)
         # a model the recommendations step could not restore or score keeps its metrics, and is named
-        unrecommended = {m: why for m, why in results_store.recommendation_failures(conn).items() if m not in failed}
+        # (one not evaluated either is named below as such)
+        unrecommended = {
+            m: why
+            for m, why in results_store.recommendation_failures(conn).items()
+            if m not in failed and m in set(summary["model"])
+        }
         # the grids show the model with the best mean nDCG@20 over its seeds
         mean_summary = summary.groupby(["model", "metric"], as_index=False)["value"].mean()
-        grids_md = recommendation_grids_markdown(conn, ws, mean_summary, model=grid_model, n_users=grid_users)
+        grids_md = (
+            recommendation_grids_markdown(conn, ws, mean_summary, model=grid_model, n_users=grid_users)
+            if grid_users > 0
+            else ""  # no grids asked for: no image table needed
+        )
     table = benchmark_table(summary)
     header = f"# Benchmark ({protocol} protocol, dataset `{ws.dataset}`)\n\n"
     if warning:
