@@ -76,7 +76,7 @@ def test_top_k_fast_path_equals_the_exact_path_on_mixed_rows():
     profiles = [rng.choice(400, size=int(rng.integers(0, 30)), replace=False) for _ in range(50)]
     holdout = Holdout.from_lists(np.arange(50), profiles, [[0]] * 50, 400)
     for k in (1, 10, 399):
-        items, vals = top_k(lambda b: scores[b.user_idx]  # user_idx is the row here, holdout, 400, k)
+        items, vals = top_k(lambda b: scores[b.user_idx], holdout, 400, k)  # user_idx is the row here
         want_items, want_vals = _top_k_exact(scores, holdout.profile, np.arange(50), k, True)
         assert np.array_equal(items[:, : want_items.shape[1]], want_items)
         valid = want_items >= 0
