@@ -131,3 +131,16 @@ def test_an_evaluation_summary_without_seed_column_is_read_and_migrated_in_place
         columns = [r[0] for r in conn.execute("DESCRIBE evaluation_summary").fetchall()]
         assert columns.count("seed") == 1
         assert conn.execute("SELECT model, seed, value FROM evaluation_summary").fetchall() == [("old", 0, 0.7)]
+
+
+def test_the_model_asset_config_takes_seeds_and_passes_the_rest_to_the_model():
+    from visrec_pipeline.defs.models import _to_model_config, model_asset_config_class
+    from visrec_pipeline.recsys.registry import MODEL_SPECS
+
+    spec = MODEL_SPECS["bpr_mf"]
+    cls = model_asset_config_class(spec)
+    assert cls().seeds == 1  # the default: the report looks as it did before seeds
+    values = _to_model_config(spec, cls(seeds=3, factors=8))
+    assert "seeds" not in values and make_config("bpr_mf", values).factors == 8
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        cls(seeds=0)
