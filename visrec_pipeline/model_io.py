@@ -19,15 +19,39 @@ from visrec_pipeline import db
 from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.recsys.base import FitInputs
-from visrec_pipeline.recsys.data import IndexMap, RecData
+from visrec_pipeline.recsys.data import Holdout, IndexMap, RecData
 
 
 def load_rec_data(conn: duckdb.DuckDBPyConnection) -> RecData:
     """Training rows and holdout from ``split_*`` over the catalogue from ``item_catalog``."""
     train = conn.execute("SELECT user_id, item_id, ts FROM split_train").df()
-    holdout = conn.execute("SELECT user_id, profile, predict FROM split_holdout ORDER BY user_id").df()
     item_ids = conn.execute("SELECT item_id FROM item_catalog ORDER BY item_id").fetchnumpy()["item_id"]
-    return RecData.from_frames(train, item_ids, holdout)
+    data = RecData.from_frames(train, item_ids)
+    data.holdout = load_holdout(conn, data)
+    return data
+
+
+def load_holdout(conn: duckdb.DuckDBPyConnection, data: RecData) -> Holdout:
+    """``split_holdout`` as CSR arrays against ``data``'s user and item index: DuckDB unnests the
+    lists into flat columns (no Python object per user), rows in ascending ``user_id``."""
+    user_ids = conn.execute("SELECT user_id FROM split_holdout ORDER BY user_id").fetchnumpy()["user_id"]
+    user_ids = np.asarray(user_ids, np.int64)
+    if user_ids.size > 1 and (np.diff(user_ids) == 0).any():
+        dup = user_ids[1:][np.diff(user_ids) == 0]
+        raise ValueError(f"split_holdout has several rows for user_id {dup[:5].tolist()}: re-materialize split")
+    # list positions are 1-based and in time order (split_holdout stores profiles oldest first)
+    profile = conn.execute(
+        "SELECT user_id, unnest(profile) AS item_id, generate_subscripts(profile, 1) AS pos FROM split_holdout"
+    ).fetchnumpy()
+    predict = conn.execute("SELECT user_id, unnest(predict) AS item_id FROM split_holdout").fetchnumpy()
+    return data.holdout_from_entries(
+        user_ids,
+        np.searchsorted(user_ids, np.asarray(profile["user_id"], np.int64)),
+        profile["item_id"],
+        profile["pos"],
+        np.searchsorted(user_ids, np.asarray(predict["user_id"], np.int64)),
+        predict["item_id"],
+    )
 
 
 def holdout_by_profile_length(conn: duckdb.DuckDBPyConnection, limit: int) -> pd.DataFrame:

@@ -28,8 +28,23 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB
 
 
+def machine_memory() -> dict[str, int]:
+    """``total_bytes`` and ``available_bytes`` of this machine (Linux ``/proc/meminfo``; empty elsewhere):
+    with the peak, they tell a step killed for memory from one killed for another reason."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    out["total_bytes" if key == "MemTotal" else "available_bytes"] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def _write(path: Path) -> None:
-    record = {"pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes(), "sampled_at": time.time()}
+    record = {"pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes(), "sampled_at": time.time(), **machine_memory()}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)  # no fsync: the file has to survive the process, not the machine
@@ -61,7 +76,8 @@ def recording(path: str | os.PathLike, every_s: float = SAMPLE_EVERY_S) -> Itera
 
 
 def read(path: str | os.PathLike) -> dict | None:
-    """The last sample a killed step left (``pid``, ``peak_rss_bytes``, ``sampled_at``), or None."""
+    """The last sample a killed step left (``pid``, ``peak_rss_bytes``, ``sampled_at``, and on Linux the
+    machine's ``total_bytes``/``available_bytes`` then), or None."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):

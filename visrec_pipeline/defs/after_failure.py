@@ -74,7 +74,10 @@ def _crash_cause(instance: dg.DagsterInstance, run_id: str, step_key: str, engin
     sample = step_memory.read(path)
     if sample:
         at = time.strftime("%H:%M:%S", time.localtime(sample["sampled_at"]))
-        cause += f"; peak memory {_size(int(sample['peak_rss_bytes']))} (resident, last sampled {at})"
+        cause += f"; peak memory {_size(int(sample['peak_rss_bytes']))} (resident, last sampled {at}"
+        if "available_bytes" in sample and "total_bytes" in sample:
+            cause += f", when the machine had {_size(int(sample['available_bytes']))} of {_size(int(sample['total_bytes']))} available"
+        cause += ")"
     else:
         cause += "; its peak memory was not recorded"
     return cause
@@ -100,8 +103,13 @@ def failure_causes(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
         if error is not None and error.cls_name == "ChildProcessCrashException":
             causes[step_key] = _crash_cause(instance, run_id, step_key, engine.get(step_key, []))
         else:
+            # an error raised by the asset's code comes wrapped in Dagster's own: name the asset's
+            while error is not None and error.cls_name == "DagsterExecutionStepExecutionError" and error.cause:
+                error = error.cause
             first_line = (error.message.strip().splitlines() or [""])[0] if error is not None else "failed"
-            causes[step_key] = f"{error.cls_name if error else 'error'}: {first_line}"
+            cls_name = error.cls_name if error is not None else "error"
+            first_line = first_line.removeprefix(f"{cls_name}: ")  # the message may already start with it
+            causes[step_key] = f"{cls_name}: {first_line}"
     return causes
 
 

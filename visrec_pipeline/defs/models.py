@@ -8,6 +8,7 @@ Each asset is one call into ``visrec_pipeline.pipeline`` plus its metadata.
 """
 
 
+import dataclasses
 import json
 from typing import Literal
 
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 
+from visrec_pipeline import step_memory
 from visrec_pipeline.defs.after_failure import recording_step_memory
 from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
@@ -28,8 +30,8 @@ from visrec_pipeline.pipeline import (
     ModelEvaluation,
     TrainedModel,
     evaluate_model,
-    recommend_all,
-    train_model,
+    recommend_each,
+    train_seeds,
 )
 from visrec_pipeline.recsys.registry import MODEL_SPECS, ModelSpec
 from visrec_pipeline.reporting.grids import png_markdown
@@ -76,9 +78,30 @@ def config_class(spec: ModelSpec) -> type[dg.Config]:
 _TRAINING_OPTIONS = ("use_tuned", "refit")
 
 
+SEEDS_FIELD = "seeds"
+
+
+def model_asset_config_class(spec: ModelSpec) -> type[dg.Config]:
+    """The model's config plus ``seeds``: how many seeds the asset trains (see ``pipeline.seeds``)."""
+    base = config_class(spec)
+    if any(f.name == SEEDS_FIELD for f in dataclasses.fields(spec.config_cls)):
+        raise ValueError(f"{spec.name}: its config may not have a field named {SEEDS_FIELD!r} (the asset's own)")
+    seeds = pydantic.Field(
+        default=1,
+        ge=1,
+        description="seeds to train: seed 0 is the checkpoint recommendations use; seed k (the config's seed + k) "
+        "is stored as models/<name>/seed_<k>.pt, and the report shows each metric's mean ± std over them",
+    )
+    return pydantic.create_model(base.__name__, __base__=base, **{SEEDS_FIELD: (int, seeds)})  # type: ignore[call-overload]
+
+
 def _to_model_config(spec: ModelSpec, config: dg.Config) -> dict:
     values = to_dataclass_kwargs(spec.config_cls, config)
-    return {k: v for k, v in values.items() if k not in _TRAINING_OPTIONS}
+    return {k: v for k, v in values.items() if k not in _TRAINING_OPTIONS and k != SEEDS_FIELD}
+
+
+def _peak_rss_mib() -> float:
+    return round(step_memory.peak_rss_bytes() / 2**20, 1)
 
 
 class EvaluationConfig(dg.Config):
@@ -93,7 +116,7 @@ class EvaluationConfig(dg.Config):
 
 def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
     name = spec.name
-    ConfigCls = config_class(spec)
+    ConfigCls = model_asset_config_class(spec)
 
     @dg.asset(
         name=f"model_{name}",
@@ -102,28 +125,35 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         code_version=CODE_VERSION,
         kinds={"pytorch"},
         automation_condition=model_cadence(),
-        description=f"{spec.description} Trained on the split's training rows minus each user's most recent one "
-        "(the validation rows, which early stopping watches); with config refit, retrained on all the split's "
-        f"training rows for the epochs validation chose. use_tuned: the config of tuning_{name}'s best trial. "
-        f"Checkpoint under models/{name}/.",
+        description=f"{spec.description} Trained on the split's training rows minus the most recent training row "
+        "of each user who has two or more (the validation rows, which early stopping scores); with config refit, "
+        "retrained on all the split's training rows for the epochs (EASE: the lambda) validation chose. use_tuned: "
+        f"the config of tuning_{name}'s best trial. Checkpoint under models/{name}/ (config seeds > 1: also one "
+        "file per extra seed).",
     )
     def model_asset(
         context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
     ) -> dg.MaterializeResult:
         remove_leftover_temps(context, settings.workspace.models_dir / name)
+        seeds = getattr(config, SEEDS_FIELD)
         with recording_step_memory(context):  # a step the OS kills still tells its peak memory
-            trained = train_model(
+            trained_seeds = train_seeds(
                 settings.workspace,
                 name,
                 _to_model_config(spec, config),
+                seeds,
                 use_tuned=config.use_tuned,
                 refit=config.refit,
                 log=context.log,
             )
-        # the checkpoint's own hash: a retraining (new data or new config) is a new version downstream
-        return dg.MaterializeResult(
-            metadata=_training_metadata(trained), data_version=dg.DataVersion(trained.checkpoint_sha256[:16])
-        )
+        trained = trained_seeds[0]
+        metadata = _training_metadata(trained)
+        metadata["seeds"] = seeds
+        if seeds > 1:
+            metadata["seed_checkpoints"] = dg.MetadataValue.json([str(t.checkpoint) for t in trained_seeds])
+        metadata["peak_rss_mib"] = dg.MetadataValue.float(_peak_rss_mib())
+        # the seed-0 checkpoint's own hash: a retraining (new data or new config) is a new version downstream
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(trained.checkpoint_sha256[:16]))
 
     @dg.asset(
         name=f"evaluation_{name}",
@@ -131,7 +161,8 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         deps=[dg.AssetKey(f"model_{name}"), dg.AssetKey("split")],
         code_version=CODE_VERSION,
         automation_condition=follows_models(),
-        description=f"Full-ranking evaluation of {name}: AUC, RR, R@k, P@k, nDCG@k per holdout row and means.",
+        description=f"Full-ranking evaluation of {name}: AUC, RR, R@k, P@k, nDCG@k per holdout row and means "
+        "(means of every seed the model asset trained).",
     )
     def evaluation_asset(
         context: dg.AssetExecutionContext, config: EvaluationConfig, settings: VisrecSettings
@@ -145,7 +176,9 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
                 batch_size=config.batch_size,
                 log=context.log,
             )
-        return dg.MaterializeResult(metadata=_evaluation_metadata(evaluation))
+        metadata = _evaluation_metadata(evaluation)
+        metadata["peak_rss_mib"] = dg.MetadataValue.float(_peak_rss_mib())
+        return dg.MaterializeResult(metadata=metadata)
 
     return model_asset, evaluation_asset
 
@@ -201,6 +234,11 @@ def _evaluation_metadata(evaluation: ModelEvaluation) -> dict:
     for key, value in result.means.items():
         if isinstance(value, (int, float)) and np.isfinite(value):
             metadata[key] = dg.MetadataValue.float(float(value))
+    metadata["seeds"] = len(evaluation.seed_means)
+    if len(evaluation.seed_means) > 1:
+        per_seed = pd.DataFrame(evaluation.seed_means).T.rename_axis("seed")
+        per_seed = per_seed[[c for c in per_seed.columns if ":" not in c]]
+        metadata["metrics_by_seed"] = dg.MetadataValue.md(per_seed.to_markdown(floatfmt=".5f"))
     return metadata
 
 
@@ -228,16 +266,21 @@ def build_recommendations_asset(model_names: list[str]) -> dg.AssetsDefinition:
         if unknown:
             raise dg.Failure(f"recommendations: unknown models {unknown} (known: {model_names})")
         names = [n for n in model_names if n in config.models] if config.models else model_names
-        recs = recommend_all(settings.workspace, names, config.k)
+        with recording_step_memory(context):
+            run = recommend_each(settings.workspace, names, config.k, log=context.log)
+        recs = run.recommendations
         sample = recs[recs["rank"] <= 5].groupby("model").head(5)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": len(recs),
-                "models": len(names),
-                "k": config.k,
-                "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
-            }
-        )
+        metadata = {
+            "rows": len(recs),
+            "models": len(names) - len(run.failures),
+            "k": config.k,
+            "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
+            "peak_rss_mib": dg.MetadataValue.float(_peak_rss_mib()),
+        }
+        if run.failures:
+            # the others' recommendations are stored; the report names these
+            metadata["failed_models"] = dg.MetadataValue.json(run.failures)
+        return dg.MaterializeResult(metadata=metadata)
 
     return recommendations
 

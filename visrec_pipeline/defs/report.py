@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from visrec_pipeline import step_memory
+from visrec_pipeline.defs.after_failure import recording_step_memory
 from visrec_pipeline.defs.automation import follows_evaluations
 from visrec_pipeline.defs.resources import VisrecSettings
 from visrec_pipeline.defs.temp_files import remove_leftover_temps
@@ -30,26 +32,29 @@ class BenchmarkReportConfig(dg.Config):
     deps=[dg.AssetKey(f"evaluation_{n}") for n in MODEL_SPECS] + [dg.AssetKey("recommendations")],
     code_version="1",
     automation_condition=follows_evaluations(),
-    description="Every evaluated model side by side (the tutorial's table), metric-by-profile-size plots and "
+    description="Every evaluated model side by side (the tutorial's table; mean ± std over seeds when the models "
+    "were trained with seeds > 1, adjacent models within noise marked), metric-by-profile-size plots and "
     "image grids of consumed / recommended / ground-truth items. Also written to reports/benchmark.md.",
 )
 def benchmark_report(
     context: dg.AssetExecutionContext, config: BenchmarkReportConfig, settings: VisrecSettings
 ) -> dg.MaterializeResult:
     remove_leftover_temps(context, settings.workspace.reports_dir)
-    report = write_benchmark_report(
-        settings.workspace,
-        protocol=config.protocol,
-        plot_metrics=config.plot_metrics,
-        grid_users=config.grid_users,
-        grid_model=config.grid_model,
-        attention_users=config.attention_users,
-        failed_models=config.failed_models,
-    )
+    with recording_step_memory(context):  # a report step the OS kills still tells its peak memory
+        report = write_benchmark_report(
+            settings.workspace,
+            protocol=config.protocol,
+            plot_metrics=config.plot_metrics,
+            grid_users=config.grid_users,
+            grid_model=config.grid_model,
+            attention_users=config.attention_users,
+            failed_models=config.failed_models,
+        )
     metadata = {
         "benchmark": dg.MetadataValue.md(report.markdown),
         "report_file": dg.MetadataValue.path(str(report.path)),
         "models": len(report.table),
+        "peak_rss_mib": dg.MetadataValue.float(round(step_memory.peak_rss_bytes() / 2**20, 1)),
     }
     if config.failed_models:
         metadata["failed_models"] = dg.MetadataValue.json(config.failed_models)

@@ -22,8 +22,15 @@ from visrec_pipeline.pipeline.evaluation import (
 )
 from visrec_pipeline.pipeline.provenance import TrainingProvenance, feature_provenance, read_training_provenance
 from visrec_pipeline.pipeline.staleness import StaleCheckpointError, VersionChange
-from visrec_pipeline.pipeline.recommendations import recommend_all, recommendations_of
-from visrec_pipeline.pipeline.trained import LoadedModel, checkpoint_path, load_trained
+from visrec_pipeline.pipeline.recommendations import (
+    NoRecommendationsError,
+    RecommendationsRun,
+    recommend_all,
+    recommend_each,
+    recommendations_of,
+)
+from visrec_pipeline.pipeline.seeds import seed_checkpoint_path, train_seeds, trained_seeds
+from visrec_pipeline.pipeline.trained import LoadedModel, checkpoint_path, load_scoring_data, load_trained
 from visrec_pipeline.pipeline.training import TrainedModel, train_model
 
 __all__ = [
@@ -32,6 +39,8 @@ __all__ = [
     "DEFAULT_PROTOCOL",
     "LoadedModel",
     "ModelEvaluation",
+    "NoRecommendationsError",
+    "RecommendationsRun",
     "StaleCheckpointError",
     "TrainedModel",
     "TrainingProvenance",
@@ -40,9 +49,14 @@ __all__ = [
     "cold_items",
     "evaluate_model",
     "feature_provenance",
+    "load_scoring_data",
     "load_trained",
     "read_training_provenance",
+    "seed_checkpoint_path",
     "recommend_all",
+    "recommend_each",
     "recommendations_of",
     "train_model",
+    "train_seeds",
+    "trained_seeds",
 ]

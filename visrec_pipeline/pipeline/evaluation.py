@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+import gc
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -12,7 +13,8 @@ import numpy as np
 from visrec_pipeline import db
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import results_store
-from visrec_pipeline.pipeline.trained import load_trained
+from visrec_pipeline.pipeline.seeds import trained_seeds
+from visrec_pipeline.pipeline.trained import load_scoring_data, load_trained
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.evaluate import EvalResult, evaluate
 from visrec_pipeline.recsys.metrics import Protocol
@@ -30,6 +32,7 @@ class ModelEvaluation:
     train_seconds: float  # from the checkpoint (0.0 when it has none)
     trained_on: dict  # the checkpoint's data_versions
     lineage: dict  # the checkpoint's training lineage
+    seed_means: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> its means (seed 0 included)
 
     @property
     def n_rows(self) -> int:
@@ -53,24 +56,40 @@ def evaluate_model(
     log: logging.Logger | None = None,
 ) -> ModelEvaluation:
     """Full-ranking metrics of trained model ``name`` over the holdout, written to ``evaluation_rows``
-    and ``evaluation_summary`` (replacing this model's rows under ``protocol``)."""
-    model, data, _inputs, ckpt = load_trained(ws, name, log=log)
+    (seed 0) and ``evaluation_summary`` (every seed trained with it, :func:`~visrec_pipeline.pipeline.seeds.trained_seeds`),
+    replacing this model's rows under ``protocol``. Seeds are restored and scored one at a time
+    against one load of the split."""
+    data = load_scoring_data(ws)
     cold = cold_items(data)
-    started = time.perf_counter()
-    result = evaluate(
-        model.score,
-        data.holdout,
-        len(data.items),
-        ks=tuple(ks),
-        protocol=protocol,
-        batch_size=batch_size,
-        cold_items=cold if cold.size else None,
-    )
-    eval_seconds = time.perf_counter() - started
-    extra = ckpt.get("extra", {})
-    train_seconds = float(extra.get("train_seconds", 0.0))
+    results: list[tuple[int, EvalResult, float]] = []
+    first: tuple[EvalResult, float, dict] | None = None
+    for seed, path in trained_seeds(ws, name):
+        model, _data, _inputs, ckpt = load_trained(ws, name, log=log, data=data, path=path)
+        started = time.perf_counter()
+        result = evaluate(
+            model.score,
+            data.holdout,
+            len(data.items),
+            ks=tuple(ks),
+            protocol=protocol,
+            batch_size=batch_size,
+            cold_items=cold if cold.size else None,
+        )
+        seconds = time.perf_counter() - started
+        extra = ckpt.get("extra", {})
+        results.append((seed, result, float(extra.get("train_seconds", 0.0))))
+        if first is None:  # not the state: the weights go with the model
+            first = (result, seconds, {k: ckpt.get(k, {}) for k in ("data_versions", "extra")})
+        del model, ckpt, _inputs
+        gc.collect()  # one model's weights in memory at a time
+        if log is not None and seed > 0:
+            log.info(f"{name}: seed {seed} evaluated (AUC {result.means.get('auc', float('nan')):.5f})")
+    assert first is not None  # trained_seeds always lists seed 0
+    result, eval_seconds, ckpt = first
+    train_seconds = results[0][2]
     with db.connect(ws.db_path) as conn:
-        results_store.write_evaluation(conn, name, result, train_seconds=train_seconds)
+        results_store.write_evaluation(conn, name, result, train_seconds=train_seconds, other_seeds=results[1:])
+    extra = ckpt.get("extra", {})
     return ModelEvaluation(
         name=name,
         result=result,
@@ -78,4 +97,5 @@ def evaluate_model(
         train_seconds=train_seconds,
         trained_on=ckpt.get("data_versions", {}),
         lineage=extra.get("lineage", {}),
+        seed_means={seed: dict(res.means) for seed, res, _ in results},
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import gc
+import logging
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,7 @@ import pandas as pd
 from visrec_pipeline import db
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import results_store
-from visrec_pipeline.pipeline.trained import LoadedModel, load_trained
+from visrec_pipeline.pipeline.trained import LoadedModel, load_scoring_data, load_trained
 from visrec_pipeline.recsys.evaluate import top_k
 
 
@@ -34,10 +36,50 @@ def recommendations_of(name: str, loaded: LoadedModel, k: int) -> pd.DataFrame:
     return frame[valid]
 
 
-def recommend_all(ws: Workspace, names: Sequence[str], k: int) -> pd.DataFrame:
-    """The top-``k`` of every model in ``names``; replaces the ``recommendations`` table with them."""
-    frames = [recommendations_of(name, load_trained(ws, name), k) for name in names]
-    recs = pd.concat(frames, ignore_index=True)
+class RecommendationsRun(NamedTuple):
+    recommendations: pd.DataFrame  # model, user_id, rank, item_id, score of every model that succeeded
+    failures: dict[str, str]  # model -> why it could not recommend
+
+
+class NoRecommendationsError(RuntimeError):
+    """Not one of the models asked for could recommend."""
+
+
+def recommend_each(
+    ws: Workspace, names: Sequence[str], k: int, *, log: logging.Logger | None = None
+) -> RecommendationsRun:
+    """The top-``k`` of every model in ``names``, restored and scored one at a time against one load
+    of the split; replaces ``recommendations`` with them and ``recommendation_failures`` with the
+    models that failed (missing or damaged checkpoint, stale checkpoint, error while scoring), which
+    do not stop the others. Raises :class:`NoRecommendationsError` (from the first error) when every model failed."""
+    data = load_scoring_data(ws)
+    frames, failures, first_error = [], {}, None
+    for name in names:
+        try:
+            frames.append(recommendations_of(name, load_trained(ws, name, data=data), k))
+        except Exception as exc:  # noqa: BLE001  one model's failure is reported, the others go on
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            first_error = first_error or exc
+            if log is not None:
+                log.warning(f"recommendations: {name} failed: {failures[name]}")
+        gc.collect()  # the model is gone: one model's weights in memory at a time
+    if not frames and names:
+        raise NoRecommendationsError(
+            "no model could recommend: " + "; ".join(f"{n}: {why}" for n, why in failures.items())
+        ) from first_error
+    recs = pd.concat(frames, ignore_index=True) if frames else _empty_recommendations()
     with db.connect(ws.db_path) as conn:
-        results_store.replace_recommendations(conn, recs)
-    return recs
+        results_store.replace_recommendations(conn, recs, failures)
+    return RecommendationsRun(recs, failures)
+
+
+def recommend_all(ws: Workspace, names: Sequence[str], k: int) -> pd.DataFrame:
+    """The recommendations of :func:`recommend_each` (the models that failed are in ``recommendation_failures``)."""
+    return recommend_each(ws, names, k).recommendations
+
+
+def _empty_recommendations() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"model": pd.Series(dtype=str), "user_id": pd.Series(dtype=np.int64), "rank": pd.Series(dtype=np.int64),
+         "item_id": pd.Series(dtype=np.int64), "score": pd.Series(dtype=np.float64)}
+    )

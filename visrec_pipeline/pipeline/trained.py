@@ -35,22 +35,54 @@ def checkpoint_path(ws: Workspace, name: str) -> Path:
     return ws.models_dir / name / f"{name}.pt"
 
 
-def load_trained(ws: Workspace, name: str, *, log: logging.Logger | None = None) -> LoadedModel:
-    """Model ``name`` restored from its checkpoint, attached to the workspace's current data;
-    ``log`` (optional) receives the model's log messages. A damaged checkpoint is a
-    :class:`CheckpointError`, one trained on other data a :class:`StaleCheckpointError`."""
-    path = checkpoint_path(ws, name)
+# inputs only training reads: triples are sampled during fit and never scored
+_TRAINING_ONLY = ("triples_random", "triples_guided")
+
+
+def scoring_needs(name: str) -> frozenset[str]:
+    """The side inputs model ``name`` reads to score once restored: none for a model whose checkpoint
+    holds what scoring uses; its non-triple ``needs`` for one that re-attaches inputs (``attach_inputs``,
+    e.g. VisRank's features)."""
+    spec = get_spec(name)
+    if not hasattr(spec.cls, "attach_inputs"):
+        return frozenset()
+    return frozenset(n for n in spec.needs if n.partition(":")[0] not in _TRAINING_ONLY)
+
+
+def load_scoring_data(ws: Workspace) -> RecData:
+    """The current split and catalogue (training rows, holdout CSR), to share between the models
+    restored by :func:`load_trained` in one process."""
+    with db.connect(ws.db_path) as conn:
+        return load_rec_data(conn)
+
+
+def load_trained(
+    ws: Workspace,
+    name: str,
+    *,
+    log: logging.Logger | None = None,
+    data: RecData | None = None,
+    path: Path | None = None,
+) -> LoadedModel:
+    """Model ``name`` restored from its checkpoint (``path``, default :func:`checkpoint_path`), attached
+    to the workspace's current data (``data`` when the caller loaded it already, see
+    :func:`load_scoring_data`) and to the inputs it scores with (:func:`scoring_needs`; training-only
+    inputs such as triples are not read); ``log`` (optional) receives the model's log messages. A
+    damaged checkpoint is a :class:`CheckpointError`, one trained on other data a :class:`StaleCheckpointError`."""
+    path = checkpoint_path(ws, name) if path is None else Path(path)
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (re-materialize model_{name})") from exc
     spec = get_spec(name)
     with db.connect(ws.db_path) as conn:
-        data = load_rec_data(conn)
+        if data is None:
+            data = load_rec_data(conn)
         changes = changed_versions(ckpt["data_versions"], current_versions(conn, spec.needs), spec.needs)
     if changes:
         raise StaleCheckpointError(name, path, changes)
-    inputs = build_inputs(ws, spec.needs, data)
+    needs = scoring_needs(name)
+    inputs = build_inputs(ws, needs, data) if needs else FitInputs()
     model = build_model(name, ckpt["config"])
     if log is not None:
         model.log = log  # type: ignore[assignment]

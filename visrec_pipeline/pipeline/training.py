@@ -51,6 +51,7 @@ def train_model(
     use_tuned: bool = False,
     refit: bool = False,
     log: logging.Logger | None = None,
+    path: Path | None = None,
 ) -> TrainedModel:
     """Fit model ``name`` (its default config updated by ``config``) and write ``models/<name>/<name>.pt``.
 
@@ -59,8 +60,9 @@ def train_model(
     latest finished tuning run (``tuning_trials``) overrides the keys it searched (a
     ``NoTuningError`` without one). ``refit``: then trains a fresh model on ALL the split's training
     rows, validation rows included, with what validation chose (``Recommender.refit_overrides``: the
-    best epoch count, EASE's lambda) and no validation, and keeps that one. ``log`` (optional)
-    receives the model's training log."""
+    best epoch count, EASE's lambda) and no validation, and keeps that one. ``path``: where the
+    checkpoint goes instead (another seed's file, see :mod:`visrec_pipeline.pipeline.seeds`).
+    ``log`` (optional) receives the model's training log."""
     spec = get_spec(name)
     ws = ws.ensure()
     with db.connect(ws.db_path) as conn:
@@ -111,7 +113,7 @@ def train_model(
     train_seconds = time.perf_counter() - started
     if estimate is not None:
         history.notes["cost_estimate"] = estimate.as_dict()
-    path = checkpoint_path(ws, name)
+    path = checkpoint_path(ws, name) if path is None else Path(path)
     save_checkpoint(
         path,
         model_name=name,

@@ -165,22 +165,59 @@ class Holdout:
 
     @classmethod
     def from_lists(cls, user_idx, profiles, predicts, n_items: int, user_ids=None) -> "Holdout":
-        """A holdout from item-index lists; each profile lists its items oldest first."""
-        profile = CSR.from_lists(profiles, n_items)
-        position = np.concatenate([np.arange(len(p), dtype=np.int64) for p in profiles]) if len(profiles) else []
-        rows = np.repeat(np.arange(len(profiles), dtype=np.int64), [len(p) for p in profiles])
-        cols = np.concatenate([np.asarray(p, np.int64) for p in profiles]) if len(profiles) else np.zeros(0, np.int64)
+        """A holdout from item-index lists; each profile lists its items oldest first (small inputs:
+        tests; :meth:`from_entries` builds one from flat arrays without a Python loop)."""
+
+        def flat(lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            lengths = np.fromiter((len(x) for x in lists), np.int64, count=len(lists))
+            rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+            cols = np.concatenate([np.asarray(x, np.int64) for x in lists]) if len(lists) else np.zeros(0, np.int64)
+            return rows, cols, np.arange(rows.size, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+        p_rows, p_cols, p_pos = flat(profiles)
+        q_rows, q_cols, _ = flat(predicts)
+        return cls.from_entries(user_idx, p_rows, p_cols, p_pos, q_rows, q_cols, n_items, user_ids)
+
+    @classmethod
+    def from_entries(
+        cls,
+        user_idx,
+        profile_rows,
+        profile_items,
+        profile_position,
+        predict_rows,
+        predict_items,
+        n_items: int,
+        user_ids=None,
+    ) -> "Holdout":
+        """A holdout from flat arrays, one entry per (row, item): ``profile_position`` is the item's
+        place in its row's time order (any increasing key: only the order counts). Duplicate pairs
+        are kept once (a profile item listed twice keeps its later position). Vectorised: memory and
+        time grow with the number of entries, never with a Python object per row."""
+        user_idx = np.asarray(user_idx, np.int64)
+        m = user_idx.size
+        rows = np.asarray(profile_rows, np.int64)
+        cols = np.asarray(profile_items, np.int64)
+        position = np.asarray(profile_position, np.int64)
+        if not (rows.shape == cols.shape == position.shape):
+            raise ValueError(
+                f"profile rows, items and positions differ in length: {rows.shape}, {cols.shape}, {position.shape}"
+            )
+        for name, r in (("profile", rows), ("predict", np.asarray(predict_rows, np.int64))):
+            if r.size and (r.min() < 0 or r.max() >= m):
+                raise ValueError(f"{name} entries name rows outside 0..{m - 1}")
         # CSR order (row, item); an item listed twice keeps its later position
-        order = np.lexsort((-np.asarray(position, np.int64), cols, rows))
+        order = np.lexsort((-position, cols, rows))
+        rows, cols, position = rows[order], cols[order], position[order]
         keep = np.ones(order.size, bool)
-        keep[1:] = (rows[order][1:] != rows[order][:-1]) | (cols[order][1:] != cols[order][:-1])
-        position = np.asarray(position, np.int64)[order][keep]
+        keep[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+        profile = CSR.from_pairs(rows[keep], cols[keep], m, n_items)
         return cls(
-            np.asarray(user_idx, np.int64),
+            user_idx,
             profile,
-            CSR.from_lists(predicts, n_items),
+            CSR.from_pairs(predict_rows, predict_items, m, n_items),
             None if user_ids is None else np.asarray(user_ids, np.int64),
-            ranks_in_rows(profile, position),
+            ranks_in_rows(profile, position[keep]),
         )
 
     def recent_profile(self, max_len: int) -> CSR:
@@ -261,12 +298,34 @@ class RecData:
 
     def make_holdout(self, holdout: pd.DataFrame) -> Holdout:
         """``holdout``: user_id, profile (item ids, oldest first: ``split_holdout`` stores them so),
-        predict (item ids)."""
+        predict (item ids). For large holdouts see :meth:`holdout_from_entries` (no per-row lists)."""
         user_ids = holdout["user_id"].to_numpy(np.int64)
         user_idx = self.users.index(user_ids, allow_missing=True)
         profiles = [self.items.index(p) for p in holdout["profile"]]
         predicts = [self.items.index(p) for p in holdout["predict"]]
         return Holdout.from_lists(user_idx, profiles, predicts, self.n_items, user_ids)
+
+    def holdout_from_entries(
+        self, user_ids, profile_rows, profile_item_ids, profile_position, predict_rows, predict_item_ids
+    ) -> Holdout:
+        """A holdout of rows ``user_ids`` from flat (row, item id) entries (see :meth:`Holdout.from_entries`);
+        an item id outside the catalogue raises :class:`UnknownIdError`, naming it as a holdout item."""
+        user_ids = np.asarray(user_ids, np.int64)
+        try:
+            profile_items = self.items.index(profile_item_ids)
+            predict_items = self.items.index(predict_item_ids)
+        except UnknownIdError as exc:
+            raise UnknownIdError(f"holdout items not in the catalogue: {exc.args[0]}") from None
+        return Holdout.from_entries(
+            self.users.index(user_ids, allow_missing=True),
+            profile_rows,
+            profile_items,
+            profile_position,
+            predict_rows,
+            predict_items,
+            self.n_items,
+            user_ids,
+        )
 
     def train_ranks(self) -> np.ndarray:
         """Each training row's position in its user's time order (aligned with ``train.indices``)."""

@@ -317,6 +317,42 @@ def top_k(
 def _top_k_batch(
     scores: torch.Tensor, profile: CSR, idx: np.ndarray, k: int, exclude_profile: bool
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k with the index tie-break. Fast path: ``topk`` of k + 1 on the scores with the profile
+    set to -inf, then only the ``[b, k]`` result is re-ordered; that is exact for every row whose k-th
+    value is finite and above the (k+1)-th (no tie across the cut). The other rows (ties across the cut, fewer than
+    k candidates, infinite scores) take :func:`_top_k_exact`."""
+    b, n_items = scores.shape
+    kk = min(k, n_items)
+    if not scores.is_floating_point() or b == 0:
+        return _top_k_exact(scores, profile, idx, k, exclude_profile)
+    dev = scores.device
+    masked = scores.clone()
+    if exclude_profile:
+        sub = profile.take_rows(idx)
+        masked[torch.as_tensor(sub.row_ids(), device=dev), torch.as_tensor(sub.indices, device=dev)] = -torch.inf
+    # one more than asked: the row is settled when the k-th value is finite and above the (k+1)-th
+    vals, items = torch.topk(masked, min(kk + 1, n_items), dim=1, sorted=True)
+    del masked
+    kth = vals[:, kk - 1]
+    after = vals[:, kk] if vals.shape[1] > kk else torch.full_like(kth, -torch.inf)
+    exact = torch.isfinite(kth) & (after < kth)
+    vals, items = vals[:, :kk], items[:, :kk]
+    # within the result: score descending, item index ascending (stable sort on index-sorted items)
+    by_item = torch.sort(items, dim=1).indices
+    items, vals = items.gather(1, by_item), vals.gather(1, by_item)
+    order = torch.sort(vals.to(torch.float64), dim=1, descending=True, stable=True).indices
+    out_items = items.gather(1, order).cpu().numpy()
+    out_vals = vals.gather(1, order).to(torch.float64).cpu().numpy()
+    slow = np.flatnonzero(~exact.cpu().numpy())
+    if slow.size:
+        items_s, vals_s = _top_k_exact(scores[torch.as_tensor(slow, device=dev)], profile, idx[slow], k, exclude_profile)
+        out_items[slow], out_vals[slow] = items_s, vals_s
+    return out_items, out_vals
+
+
+def _top_k_exact(
+    scores: torch.Tensor, profile: CSR, idx: np.ndarray, k: int, exclude_profile: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k with the index tie-break, without sorting the row: the k-th best value is
     found with ``topk`` (its values are well defined, its order among ties is not), then the
     items above it plus the lowest-index items tied with it are taken and ordered."""

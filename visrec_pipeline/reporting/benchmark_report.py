@@ -17,7 +17,8 @@ from visrec_pipeline.embeddings.store import index_weights_tags
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import DEFAULT_PROTOCOL, results_store
 from visrec_pipeline.reporting.acf_panel import acf_attention_panel
-from visrec_pipeline.reporting.benchmark import benchmark_table, table_markdown
+from visrec_pipeline.recsys.registry import MODEL_SPECS
+from visrec_pipeline.reporting.benchmark import benchmark_table, noise_note, table_markdown
 from visrec_pipeline.reporting.grids import png_markdown
 from visrec_pipeline.reporting.plots import metric_by_profile_size_png
 from visrec_pipeline.reporting.recommendation_grids import recommendation_grids_markdown
@@ -65,7 +66,9 @@ def write_benchmark_report(
     ``protocol`` and write ``benchmark.md``, ``benchmark.csv`` and the PNGs to ``reports/``.
     ``grid_model`` empty: the model with the best nDCG@20; ``attention_users`` 0: no ACF panel.
     ``failed_models`` (model -> why its step failed): left out (an older evaluation of theirs is not
-    this run's) and named in a section of their own."""
+    this run's) and named in a section of their own, with the models the last recommendations run
+    could not recommend with (``recommendation_failures``). A model evaluated under several seeds
+    shows mean ± std (:func:`~visrec_pipeline.reporting.benchmark.benchmark_table`)."""
     ws = ws.ensure()
     plot_metrics = list(plot_metrics)
     failed = dict(failed_models or {})
@@ -75,14 +78,34 @@ def write_benchmark_report(
         summary = summary[~summary["model"].isin(list(failed))]
         rows = rows[~rows["model"].isin(list(failed))]
         warning = weights_warning(conn)
-        grids_md = recommendation_grids_markdown(conn, ws, summary, model=grid_model, n_users=grid_users)
+        # a model the recommendations step could not restore or score keeps its metrics, and is named
+        # (one not evaluated either is named below as such)
+        unrecommended = {
+            m: why
+            for m, why in results_store.recommendation_failures(conn).items()
+            if m not in failed and m in set(summary["model"])
+        }
+        # the grids show the model with the best mean nDCG@20 over its seeds
+        mean_summary = summary.groupby(["model", "metric"], as_index=False)["value"].mean()
+        grids_md = (
+            recommendation_grids_markdown(conn, ws, mean_summary, model=grid_model, n_users=grid_users)
+            if grid_users > 0
+            else ""  # no grids asked for: no image table needed
+        )
     table = benchmark_table(summary)
     header = f"# Benchmark ({protocol} protocol, dataset `{ws.dataset}`)\n\n"
     if warning:
         header += warning + "\n\n"
     report_md = header + table_markdown(table) + "\n"
-    if failed:
+    note = noise_note(table)
+    if note:
+        report_md += "\n" + note + "\n"
+    if failed or unrecommended:
         report_md += "\n## Models that failed\n\n" + "".join(f"- `{m}`: {why}\n" for m, why in sorted(failed.items()))
+        report_md += "".join(f"- `{m}`: recommendations: {why}\n" for m, why in sorted(unrecommended.items()))
+    missing = [m for m in MODEL_SPECS if m not in set(table.index) | set(failed)]
+    if missing:
+        report_md += "\nNot evaluated in this workspace (no `evaluation_<model>` yet): " + ", ".join(f"`{m}`" for m in missing) + "\n"
     attention_md = ""
     if attention_users > 0 and "acf" in failed:
         report_md += "\n## ACF attention\n\nACF failed in this run: no attention panel.\n"
