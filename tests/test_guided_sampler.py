@@ -32,7 +32,7 @@ def world():
     rng = np.random.default_rng(7)
     n_items = syn.data.n_items
     creators = np.where(rng.random(n_items) < 0.5, rng.integers(0, 15, n_items), -1)
-    cfg = GuidedSamplerConfig(seed=5, margin=0.02)
+    cfg = GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True)  # the paper's filters on
     triples = build_guided_triples(
         syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
     )
@@ -147,7 +147,7 @@ def test_deterministic_for_a_seed_and_different_for_another(world):
         syn.features,
         creators=creators,
         clusters=syn.clusters,
-        config=GuidedSamplerConfig(seed=6, margin=cfg.margin),
+        config=GuidedSamplerConfig(seed=6, margin=cfg.margin, far_negatives=True),
     )
     assert not (len(other) == len(triples) and np.array_equal(other.neg, triples.neg))
 
@@ -265,7 +265,7 @@ def test_capped_sampler_keeps_the_guidelines_and_bounds_the_candidates(world):
     still hold and G3/G6 rank at most cap candidates per (user, artist) / per one-item profile."""
     syn, creators, _, _ = world
     cap = 3
-    cfg = GuidedSamplerConfig(seed=5, margin=0.02, candidates_per_artist=cap)
+    cfg = GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True, candidates_per_artist=cap)
     capped = build_guided_triples(
         syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
     )
@@ -275,7 +275,7 @@ def test_capped_sampler_keeps_the_guidelines_and_bounds_the_candidates(world):
         syn.features,
         creators=creators,
         clusters=syn.clusters,
-        config=GuidedSamplerConfig(seed=5, margin=0.02, candidates_per_artist=10**6),
+        config=GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True, candidates_per_artist=10**6),
     )
     n_users = syn.data.train.n_rows
     g3, g6 = capped.stats["favourite_artists"], capped.stats["single_item_same_artist"]
@@ -294,3 +294,19 @@ def test_capped_sampler_keeps_the_guidelines_and_bounds_the_candidates(world):
         test_no_duplicate_triples_and_profiles_are_distinct(world_capped)
     finally:
         assert world[3] is saved
+
+
+def test_default_negatives_are_any_item_outside_the_profile_without_a_margin(world):
+    """The default departs from the paper (docs/curatornet_guided.md): negatives of the positive's own
+    artist or cluster are allowed, and no triple is dropped by the margin."""
+    syn, creators, _, _ = world
+    cfg = GuidedSamplerConfig(seed=5)
+    triples = build_guided_triples(
+        syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
+    )
+    member = set(zip(syn.data.train.row_ids().tolist(), syn.data.train.indices.tolist()))
+    assert all((int(u), int(n)) not in member for u, n in zip(triples.user, triples.neg))
+    assert np.any(syn.clusters[triples.neg] == syn.clusters[triples.pos])  # near negatives occur
+    wanted = {g: s["positives_proposed"] * cfg.negatives_per_positive for g, s in triples.stats.items()}
+    kept = sum(s["triples_after_margin"] for s in triples.stats.values())
+    assert kept >= 0.95 * sum(wanted.values())  # only a short candidate list can leave a query short
