@@ -231,3 +231,32 @@ def test_tower_input_is_standardised_so_a_large_common_component_does_not_satura
     assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
     with pytest.raises(ValueError, match="feature_scale"):
         CuratorNetConfig(feature_scale="minmax")
+
+
+def test_recent_rows_keeps_each_users_most_recent_items_in_item_order():
+    from visrec_pipeline.recsys.models.curatornet import recent_rows
+
+    train = CSR.from_lists([[1, 4, 6, 9], [2], [0, 3, 5]], 10)
+    # timestamps aligned with the CSR entries (item order): row 0 newest are 1 and 9, row 2 ties at 7
+    ts = np.array([50, 10, 20, 40, 5, 7, 7, 1])
+    cut = recent_rows(train, ts, 2)
+    assert [cut.row(r).tolist() for r in range(3)] == [[1, 9], [2], [0, 3]]  # tie: larger index later
+    assert recent_rows(train, ts, 0) is train and recent_rows(train, ts, 4) is train
+    long_rows = CSR.from_lists([list(range(300))], 300)
+    rng = np.random.default_rng(0)
+    ts2 = rng.permutation(300)
+    kept = recent_rows(long_rows, ts2, 256).row(0)
+    assert kept.size == 256 and np.all(np.diff(kept) > 0) and set(kept) == set(np.argsort(ts2)[-256:])
+
+
+def test_random_ablation_profiles_are_capped_in_training(syn):
+    cfg = _small(CuratorNetRandomConfig)
+    cfg.train_profile_items = 3
+    model = CuratorNetRandom(cfg)
+    epoch, notes = model.batch_source(syn.data, syn.inputs(), torch.device("cpu"))
+    lengths = [np.diff(b["profile_offsets"].numpy()) for b in epoch(0)]
+    assert max(x.max() for x in lengths) == 3  # every batch pools at most 3 items per profile
+    assert notes["train_profile_items"] == 3
+    assert notes["profiles_cut"] == int((syn.data.train.lengths() > 3).sum()) > 0
+    with pytest.raises(ValueError, match="train_profile_items"):
+        CuratorNetConfig(train_profile_items=-1)

@@ -32,7 +32,7 @@ def world():
     rng = np.random.default_rng(7)
     n_items = syn.data.n_items
     creators = np.where(rng.random(n_items) < 0.5, rng.integers(0, 15, n_items), -1)
-    cfg = GuidedSamplerConfig(seed=5, margin=0.02)
+    cfg = GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True)  # the paper's filters on
     triples = build_guided_triples(
         syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
     )
@@ -147,7 +147,7 @@ def test_deterministic_for_a_seed_and_different_for_another(world):
         syn.features,
         creators=creators,
         clusters=syn.clusters,
-        config=GuidedSamplerConfig(seed=6, margin=cfg.margin),
+        config=GuidedSamplerConfig(seed=6, margin=cfg.margin, far_negatives=True),
     )
     assert not (len(other) == len(triples) and np.array_equal(other.neg, triples.neg))
 
@@ -244,3 +244,69 @@ def test_prefix_sums_match_summing_each_prefix():
     want = np.stack([fhat.numpy()[t_items[starts[u] : starts[u] + c]].sum(0) for u, c in zip(users, cuts)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert _prefix_sums(np.zeros(0, np.int64), np.zeros(0, np.int64), t_items, starts, fhat).shape == (0, 4)
+
+
+def test_capped_members_takes_small_rows_whole_and_caps_big_ones():
+    from visrec_pipeline.recsys.data import CSR
+    from visrec_pipeline.recsys.guided_sampler import capped_members
+
+    groups = CSR.from_lists([[0, 1, 2], list(range(3, 103)), [103]], 104)
+    rows = np.array([1, 0, 1, 2])
+    k, m = capped_members(groups, rows, 5, np.random.default_rng(0))
+    assert np.all(np.diff(k) >= 0) and np.bincount(k, minlength=4).tolist()[0] <= 5
+    assert m[k == 1].tolist() == [0, 1, 2] and m[k == 3].tolist() == [103]  # at or under the cap: whole
+    for big in (0, 2):
+        drawn = m[k == big]
+        assert 1 <= drawn.size <= 5 and np.unique(drawn).size == drawn.size and set(drawn) <= set(range(3, 103))
+
+
+def test_capped_sampler_keeps_the_guidelines_and_bounds_the_candidates(world):
+    """With a cap far under the artists' sizes (clusters of ~25 items), the six guidelines' invariants
+    still hold and G3/G6 rank at most cap candidates per (user, artist) / per one-item profile."""
+    syn, creators, _, _ = world
+    cap = 3
+    cfg = GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True, candidates_per_artist=cap)
+    capped = build_guided_triples(
+        syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
+    )
+    uncapped = build_guided_triples(
+        syn.data.train,
+        syn.data.train_ts,
+        syn.features,
+        creators=creators,
+        clusters=syn.clusters,
+        config=GuidedSamplerConfig(seed=5, margin=0.02, far_negatives=True, candidates_per_artist=10**6),
+    )
+    n_users = syn.data.train.n_rows
+    g3, g6 = capped.stats["favourite_artists"], capped.stats["single_item_same_artist"]
+    assert 0 < g3["candidates_ranked"] <= n_users * cfg.favourite_artists * cap
+    assert 0 < g6["candidates_ranked"] <= n_users * cfg.single_profiles_per_user * cap
+    assert uncapped.stats["favourite_artists"]["candidates_ranked"] > 2 * g3["candidates_ranked"]
+    assert uncapped.stats["single_item_same_artist"]["candidates_ranked"] > 2 * g6["candidates_ranked"]
+    # the same invariants as the uncapped sampler, on the capped triples
+    saved = world[3]
+    try:
+        world_capped = (syn, creators, cfg, capped)
+        test_every_guideline_produces_triples_and_counts_add_up(world_capped)
+        test_positives_come_from_the_right_source(world_capped)
+        test_negatives_are_outside_the_profile_and_of_another_artist_and_cluster(world_capped)
+        test_margin_holds_under_an_independent_similarity(world_capped)
+        test_no_duplicate_triples_and_profiles_are_distinct(world_capped)
+    finally:
+        assert world[3] is saved
+
+
+def test_default_negatives_are_any_item_outside_the_profile_without_a_margin(world):
+    """The default departs from the paper (docs/curatornet_guided.md): negatives of the positive's own
+    artist or cluster are allowed, and no triple is dropped by the margin."""
+    syn, creators, _, _ = world
+    cfg = GuidedSamplerConfig(seed=5)
+    triples = build_guided_triples(
+        syn.data.train, syn.data.train_ts, syn.features, creators=creators, clusters=syn.clusters, config=cfg
+    )
+    member = set(zip(syn.data.train.row_ids().tolist(), syn.data.train.indices.tolist()))
+    assert all((int(u), int(n)) not in member for u, n in zip(triples.user, triples.neg))
+    assert np.any(syn.clusters[triples.neg] == syn.clusters[triples.pos])  # near negatives occur
+    wanted = {g: s["positives_proposed"] * cfg.negatives_per_positive for g, s in triples.stats.items()}
+    kept = sum(s["triples_after_margin"] for s in triples.stats.values())
+    assert kept >= 0.95 * sum(wanted.values())  # only a short candidate list can leave a query short

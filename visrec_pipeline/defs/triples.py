@@ -74,8 +74,9 @@ GuidedTriplesConfig = config_class_for(GuidedSamplerConfig, "GuidedTriplesConfig
     code_version="1",
     automation_condition=data_side(),
     description="CuratorNet's six guideline triples (creator, else visual cluster, as the artist; hybrid "
-    "visual+creator similarity with a margin; duplicates dropped by hashing), from the training rows minus the "
-    "validation rows, stored under triples/guided.npz.",
+    "visual+creator similarity ranks G3/G6's candidates; by default negatives are any item outside the profile "
+    "and no margin filter, a measured departure from the paper (far_negatives, margin restore it); duplicates "
+    "dropped by hashing), from the training rows minus the validation rows, stored under triples/guided.npz.",
 )
 def triples_guided(
     context: dg.AssetExecutionContext, config: GuidedTriplesConfig, settings: VisrecSettings, duckdb: VisrecDuckDB  # type: ignore[valid-type]

@@ -21,9 +21,15 @@ profile: ``P \\ {i}``, the time prefix, the full profile, or the one item ``{p}`
 it is the mean over the profile items, which is
 ``alpha * mean_p(f̂_p) . f̂_x + (1 - alpha) * share of P with artist(x)``.
 A triple is kept only when ``sim(P, pos) >= sim(P, neg) + margin``. Negatives
-lie outside the user's whole profile and belong to another artist and another
-visual cluster than the positive. Duplicate triples (same profile *content*,
-positive, negative) are dropped by a 64-bit hash; the first guideline wins.
+lie outside the user's whole profile and, with ``far_negatives`` (the paper),
+belong to another artist and another visual cluster than the positive. By
+default both filters are off (a measured departure: see ``GuidedSamplerConfig``).
+Duplicate triples (same profile *content*, positive, negative) are dropped by a
+64-bit hash; the first guideline wins.
+
+G3 and G6 rank candidates from an artist's items; an artist with more than
+``candidates_per_artist`` items is represented by that many, drawn uniformly, so
+memory is proportional to the queries (users x cap), never to users x artist size.
 
 Everything is vectorised over users with numpy/torch (per-row sampling by random
 keys + lexsort, sparse matrix products for profile centroids); nothing loops over
@@ -62,12 +68,26 @@ class GuidedSamplerConfig:
     profile_items_per_user: int = 10  # G4: positives per user
     single_profiles_per_user: int = 3  # G5/G6: artificial one-item profiles per user
     positives_per_single: int = 3  # G5 and G6: positives per artificial profile
+    # G3/G6: candidate positives drawn per (user, favourite artist) and per one-item profile before
+    # ranking by similarity. An artist with more items is represented by this many, drawn uniformly:
+    # memory then grows with users x cap, not with users x artist size (a visual cluster of a 50k-item
+    # catalogue holds thousands of items). At or under the cap every item of the artist is ranked.
+    candidates_per_artist: int = 256
     negatives_per_positive: int = 3
     alpha: float = 0.5  # weight of the visual term in the hybrid similarity
     # subtract the mean feature before the cosine: CNN features share a large common component
     # (random-init ResNet-50: mean cosine 0.998), which leaves the raw cosine nothing to rank by
     center_features: bool = True
-    margin: float = 0.05
+    # The paper's negatives: of another artist and another visual cluster than the positive, and kept only
+    # when sim(P, pos) >= sim(P, neg) + margin. DEPARTURE, by default neither: negatives are any item
+    # outside the user's profile and the margin is off (-2: hybrid similarities differ by at most 1.5).
+    # On the demo (random-init ResNet-50 features) the paper's filters give the model only easy triples:
+    # it fits them (loss 0.3 by epoch 6) and ranks poorly. Demo test AUC at the demo's 6 epochs, seed 0:
+    # far + margin .715, far + no margin .743, uniform + margin .727, uniform + no margin .761; seeds 0-2
+    # uniform + no margin .761/.779/.762 against the random-triples ablation .789/.780 (see
+    # docs/curatornet_guided.md). far_negatives=True, margin=0.05 restore the paper's sampler.
+    far_negatives: bool = False
+    margin: float = -2.0
     oversample: int = 8  # negative candidates drawn per wanted negative
     seed: int = 0
 
@@ -83,6 +103,10 @@ class GuidedSamplerConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"GuidedSamplerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.candidates_per_artist < 1:
+            raise ValueError(
+                f"GuidedSamplerConfig.candidates_per_artist must be >= 1, got {self.candidates_per_artist}"
+            )
         if self.negatives_per_positive < 1 or self.oversample < 1:
             raise ValueError("GuidedSamplerConfig.negatives_per_positive and .oversample must be >= 1")
         if not 0.0 <= self.alpha <= 1.0:
@@ -141,6 +165,28 @@ def _top_within_groups(group: np.ndarray, score: np.ndarray, tie: np.ndarray, k)
     rank = np.arange(g.size) - starts
     kk = np.broadcast_to(np.asarray(k, np.int64), group.shape)[order]
     return np.sort(order[rank < kk])
+
+
+def capped_members(groups: CSR, rows: np.ndarray, cap: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The members of ``groups`` row ``rows[k]`` for every k: all of them when the row holds at most
+    ``cap``, else ``cap`` draws with replacement, repeats dropped. Returns ``(k, member)`` sorted by k;
+    at most ``rows.size * cap`` pairs, whatever the rows' lengths."""
+    rows = np.asarray(rows, np.int64)
+    lengths = groups.lengths()[rows]
+    small = np.flatnonzero(lengths <= cap)
+    sub = groups.take_rows(rows[small])
+    k_small, m_small = small[sub.row_ids()], sub.indices
+    big = np.flatnonzero(lengths > cap)
+    if big.size == 0:
+        return k_small, m_small
+    off = np.sort((rng.random((big.size, cap)) * lengths[big, None]).astype(np.int64), axis=1)
+    fresh = np.ones(off.shape, bool)
+    fresh[:, 1:] = off[:, 1:] != off[:, :-1]
+    k_big = np.broadcast_to(big[:, None], off.shape)[fresh]
+    m_big = groups.indices[(groups.indptr[rows[big]][:, None] + off)[fresh]]
+    k, m = np.concatenate([k_small, k_big]), np.concatenate([m_small, m_big])
+    order = np.argsort(k, kind="stable")
+    return k[order], m[order]
 
 
 def artist_ids(n_items: int, creators: np.ndarray | None, clusters: np.ndarray | None) -> np.ndarray:
@@ -477,22 +523,22 @@ def _single_item_profiles(users: _UserItems, fhat: torch.Tensor, table: _Profile
     return u56, p56, table.add(np.ones(p56.size, np.int64), p56, fhat[p56])
 
 
-def _favourite_artists(users: _UserItems, catalogue: _Catalogue, sim: _Similarity, full_id: np.ndarray, cfg):
-    """G3: items (outside the profile) of the user's favourite artists, most similar to the profile."""
+def _favourite_artists(users: _UserItems, catalogue: _Catalogue, sim: _Similarity, full_id: np.ndarray, cfg, rng):
+    """G3: items (outside the profile) of the user's favourite artists, most similar to the profile
+    (among at most ``candidates_per_artist`` drawn per favourite artist)."""
     train, n_artists, artist = users.train, catalogue.n_artists, catalogue.artist
     ua_keys = train.row_ids() * n_artists + artist[train.indices]
     keys, counts = np.unique(ua_keys, return_counts=True)
     ku, ka = keys // n_artists, keys % n_artists
     fav = _top_within_groups(ku, counts.astype(np.float64), ka, cfg.favourite_artists)
     fu, fa = ku[fav], ka[fav]
-    cand = catalogue.artist_items.take_rows(fa)
-    cu = fu[cand.row_ids()]
-    cx = cand.indices
+    k, cx = capped_members(catalogue.artist_items, fa, cfg.candidates_per_artist, rng)
+    cu = fu[k]
     ok = ~users.contains(cu, cx)
     cu, cx = cu[ok], cx[ok]
     score = sim(full_id[cu], cx)
     best = _top_within_groups(cu, score.astype(np.float64), cx, cfg.similar_per_user)
-    return full_id[cu[best]], cu[best], cx[best]
+    return (full_id[cu[best]], cu[best], cx[best]), int(cx.size)
 
 
 def _profile_items(users: _UserItems, full_id: np.ndarray, has: np.ndarray, k: int, rng):
@@ -514,35 +560,30 @@ def _single_item_profile(users: _UserItems, u56: np.ndarray, p56: np.ndarray, si
 
 
 def _single_item_same_artist(
-    catalogue: _Catalogue, sim: _Similarity, u56: np.ndarray, p56: np.ndarray, single_id: np.ndarray, k: int
+    catalogue: _Catalogue, sim: _Similarity, u56: np.ndarray, p56: np.ndarray, single_id: np.ndarray, k: int, cap: int, rng
 ):
-    """G6: given ``{p}``, predict visually similar items of p's artist."""
-    cand = catalogue.artist_items.take_rows(catalogue.artist[p56])
-    cs = cand.row_ids()
-    cx = cand.indices
+    """G6: given ``{p}``, predict visually similar items of p's artist (among at most ``cap`` drawn)."""
+    cs, cx = capped_members(catalogue.artist_items, catalogue.artist[p56], cap, rng)
     ok = cx != p56[cs]
     cs, cx = cs[ok], cx[ok]
     score = sim(single_id[cs], cx)
     best = _top_within_groups(cs, score.astype(np.float64), cx, k)
-    return single_id[cs[best]], u56[cs[best]], cx[best]
+    return (single_id[cs[best]], u56[cs[best]], cx[best]), int(cx.size)
 
 
 def _negatives(
     users: _UserItems, catalogue: _Catalogue, sim: _Similarity, prof, user, pos, cfg: GuidedSamplerConfig, rng
 ) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``negatives_per_positive`` negatives per query: outside the user's profile, of another artist
-    and another cluster than the positive, and passing the margin. Returns ``(query index, negative)``."""
+    and another cluster than the positive when ``far_negatives``, and passing the margin. Returns ``(query index, negative)``."""
     artist, cluster = catalogue.artist, catalogue.cluster
     n_neg = cfg.negatives_per_positive
     q = pos.size
     cand = rng.integers(0, max(users.n_items, 1), size=(q, n_neg * cfg.oversample), dtype=np.int64)
     pos_b = pos[:, None]
-    cheap = (
-        ~users.contains(np.broadcast_to(user[:, None], cand.shape), cand)
-        & (cand != pos_b)
-        & (artist[cand] != artist[pos_b])
-        & ~((cluster[cand] == cluster[pos_b]) & (cluster[pos_b] >= 0))
-    )
+    cheap = ~users.contains(np.broadcast_to(user[:, None], cand.shape), cand) & (cand != pos_b)
+    if cfg.far_negatives:
+        cheap &= (artist[cand] != artist[pos_b]) & ~((cluster[cand] == cluster[pos_b]) & (cluster[pos_b] >= 0))
     # no repeated negative within a query
     first_seen = np.zeros_like(cheap)
     srt = np.argsort(cand, axis=1, kind="stable")
@@ -643,12 +684,17 @@ def build_guided_triples(
     sim = _Similarity(profiles, table.feature_sums(fhat.shape[1]), fhat, catalogue.artist, cfg.alpha)
 
     # the positives of the guidelines that reuse those profiles
+    ranked = np.zeros(7, np.int64)  # G3/G6: candidates scored before keeping the most similar
     if cfg.favourite_artists and cfg.similar_per_user and has.size:
-        queries.add(*_favourite_artists(users, catalogue, sim, full_id, cfg), 3)
+        g3, ranked[3] = _favourite_artists(users, catalogue, sim, full_id, cfg, rng)
+        queries.add(*g3, 3)
     queries.add(*_profile_items(users, full_id, has, cfg.profile_items_per_user, rng), 4)
     queries.add(*_single_item_profile(users, u56, p56, single_id, cfg.positives_per_single, rng), 5)
     if cfg.positives_per_single and p56.size:
-        queries.add(*_single_item_same_artist(catalogue, sim, u56, p56, single_id, cfg.positives_per_single), 6)
+        g6, ranked[6] = _single_item_same_artist(
+            catalogue, sim, u56, p56, single_id, cfg.positives_per_single, cfg.candidates_per_artist, rng
+        )
+        queries.add(*g6, 6)
 
     prof, user, pos, guide = queries.arrays()
     proposed = np.bincount(guide.astype(np.int64), minlength=7)
@@ -669,6 +715,7 @@ def build_guided_triples(
     final = np.bincount(out.guideline.astype(np.int64), minlength=7)
     out.stats = {
         name: {
+            "candidates_ranked": int(ranked[g]),
             "positives_proposed": int(proposed[g]),
             "triples_after_margin": int(after_margin[g]),
             "duplicates_dropped": int(after_margin[g] - final[g]),
