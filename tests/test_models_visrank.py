@@ -11,6 +11,7 @@ from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.evaluate import evaluate
 from visrec_pipeline.recsys.models.visrank import VisRank, VisRankConfig
+from visrec_pipeline.recsys.neighbours import UNREACHED, neighbour_scores, top_k_neighbours
 from visrec_pipeline.recsys.synthetic import planted_dataset
 
 
@@ -140,3 +141,87 @@ def test_state_checks_and_errors():
     bad[2, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         VisRank().fit(data, FitInputs(features=bad))
+
+
+def planted_batch(n_users=40, n_items=120, seed=1):
+    syn = planted_dataset(n_users, n_items, seed=seed)
+    items, mask = syn.data.train.padded()
+    return syn, ScoreBatch(torch.arange(syn.data.n_users), items, mask)
+
+
+def test_neighbour_search_is_exact():
+    syn, _ = planted_batch()
+    F = torch.nn.functional.normalize(torch.as_tensor(syn.features), dim=1)
+    items, sims = top_k_neighbours(F, 7, max_block_elements=50)  # blocks of a single query row
+    full = F @ F.T
+    expected = full.sort(dim=1, descending=True).values[:, :7]
+    np.testing.assert_allclose(sims.numpy(), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(full.gather(1, items.long()).numpy(), sims.numpy(), atol=1e-6)
+    assert items.dtype == torch.int32 and top_k_neighbours(F, 10_000)[0].shape == (120, 120)
+
+
+@pytest.mark.parametrize("agg", ["max", "topk_mean"])
+def test_neighbour_scoring_with_every_item_equals_brute_force(agg):
+    syn, batch = planted_batch()
+    exact = VisRank(VisRankConfig(agg=agg, top_t=3, scoring="exact", device="cpu"))
+    nbr = VisRank(VisRankConfig(agg=agg, top_t=3, scoring="neighbours", neighbours_k=500, device="cpu"))
+    tiny = VisRank(VisRankConfig(agg=agg, top_t=3, scoring="neighbours", neighbours_k=500, max_block_elements=1, device="cpu"))
+    for m in (exact, nbr, tiny):
+        notes = m.fit(syn.data, syn.inputs()).notes
+    assert notes["scoring"] == "neighbours" and notes["neighbours_k"] == 120
+    np.testing.assert_allclose(nbr.score(batch).numpy(), exact.score(batch).numpy(), atol=1e-6)
+    np.testing.assert_allclose(tiny.score(batch).numpy(), exact.score(batch).numpy(), atol=1e-6)
+    # empty profiles still score 0
+    empty = ScoreBatch(torch.tensor([-1]), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool))
+    assert torch.count_nonzero(nbr.score(empty)) == 0
+
+
+def test_small_k_keeps_the_provable_top_of_the_max_ranking():
+    syn, batch = planted_batch(seed=2)
+    k = 10
+    exact = VisRank(VisRankConfig(scoring="exact", device="cpu"))
+    nbr = VisRank(VisRankConfig(scoring="neighbours", neighbours_k=k, device="cpu"))
+    for m in (exact, nbr):
+        m.fit(syn.data, syn.inputs())
+    want, got = exact.score(batch).numpy(), nbr.score(batch).numpy()
+    sims = nbr.neighbours[1].numpy()
+    items, mask = batch.profile_items.numpy(), batch.profile_mask.numpy()
+    checked = 0
+    for r in range(items.shape[0]):
+        # T: the largest k-th neighbour similarity over the profile; above it the scores are exact
+        T = sims[items[r][mask[r]], k - 1].max()
+        above = got[r] > T + 1e-6
+        assert above.any()
+        np.testing.assert_allclose(got[r][above], want[r][above], atol=1e-6)
+        n_top = int(above.sum())
+        top_exact = np.argsort(-want[r], kind="stable")[:n_top]
+        assert set(top_exact.tolist()) == set(np.flatnonzero(above).tolist())
+        # nothing else is over-estimated: a neighbour score is a lower bound or UNREACHED
+        assert (got[r] <= want[r] + 1e-6).all()
+        checked += n_top
+    assert checked > items.shape[0]
+    assert (got == UNREACHED).any(), "with k = 10 of 120 items some items are unreached"
+
+
+def test_neighbour_table_round_trips_through_the_checkpoint_state():
+    syn, batch = planted_batch()
+    m = VisRank(VisRankConfig(scoring="neighbours", neighbours_k=5, device="cpu"))
+    m.fit(syn.data, syn.inputs())
+    state = m.state_dict()
+    assert state["neighbour_items"].shape == (120, 5) and state["neighbour_sims"].dtype == torch.float32
+    again = VisRank(VisRankConfig(scoring="neighbours", neighbours_k=5, device="cpu"))
+    again.attach_inputs(syn.data, syn.inputs())
+    again.load_state_dict(state)
+    assert torch.equal(again.score(batch), m.score(batch))
+    wrong_k = VisRank(VisRankConfig(scoring="neighbours", neighbours_k=6, device="cpu"))
+    wrong_k.attach_inputs(syn.data, syn.inputs())
+    with pytest.raises(ValueError, match="neighbour table"):
+        wrong_k.load_state_dict(state)
+    # auto: exact for a small catalogue, neighbours above exact_max_items; mean is always exact
+    assert "neighbour_items" not in fitted().state_dict()
+    auto = VisRank(VisRankConfig(exact_max_items=100, neighbours_k=5, device="cpu"))
+    assert auto.fit(syn.data, syn.inputs()).notes["scoring"] == "neighbours"
+    mean = VisRank(VisRankConfig(agg="mean", scoring="neighbours", device="cpu"))
+    assert mean.fit(syn.data, syn.inputs()).notes["scoring"] == "exact"
+    with pytest.raises(ValueError, match="agg"):
+        neighbour_scores(batch.profile_items, batch.profile_mask, state["neighbour_items"], state["neighbour_sims"], agg="mean")

@@ -9,6 +9,21 @@ folding each block into a running max / top-t (rows whose profile has ended leav
 later blocks); ``mean`` is a single product with the mean profile vector. No loop
 runs over items.
 
+**Neighbour scoring** (``scoring``): the exact path above costs profile length x catalogue x
+feature dimension per user. For a large catalogue (``auto``: more than ``exact_max_items``
+items; or ``scoring="neighbours"``) ``fit`` precomputes each item's ``neighbours_k`` most
+similar items (:mod:`visrec_pipeline.recsys.neighbours`: an exact blocked search in float32,
+on the GPU when the device is one), and ``max`` / ``topk_mean`` are taken over the
+similarities those lists hold: the cost per user is profile length x ``neighbours_k``. With
+``neighbours_k >= n_items`` the scores equal the exact path; with fewer, an item no profile
+item lists scores ``neighbours.UNREACHED`` (-2, below any cosine) and an item listed by some
+profile items only misses the others' similarities, each at most that profile item's k-th
+neighbour similarity; so under ``max`` every item above the profile's largest k-th neighbour
+similarity keeps its exact score and the top of the ranking is exactly brute force's.
+``mean`` is always exact (one product with the mean profile vector). The neighbour table is
+part of the checkpoint (``[n_items, k]`` indices and similarities), so evaluation does not
+search again.
+
 The profile comes from the ``ScoreBatch``, so any profile is scored, also of a user
 unknown to training. An empty profile, or one without any item with features,
 scores 0 everywhere. The features are inputs, not state: ``attach_inputs`` (called by
@@ -26,9 +41,11 @@ from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.neighbours import neighbour_scores, top_k_neighbours
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
 
 AGGREGATIONS = ("max", "mean", "topk_mean")
+SCORINGS = ("auto", "exact", "neighbours")
 
 
 @dataclass
@@ -39,7 +56,10 @@ class VisRankConfig:
     # cosine, and on planted synthetic data centring changed AUC by < 0.01 either way (slightly worse for
     # max); switch it on when validation says so for a given backbone.
     center: bool = False
-    max_block_elements: int = 1 << 25  # bound on the [b, block, n_items] similarity block
+    max_block_elements: int = 1 << 25  # bound on the [b, block, n_items] similarity block (and neighbour blocks)
+    scoring: str = "auto"  # "auto" | "exact" | "neighbours" (see the module doc)
+    neighbours_k: int = 200  # neighbours kept per item for scoring="neighbours"
+    exact_max_items: int = 8192  # auto: exact up to this many catalogue items, neighbours above
     seed: int = 0  # unused (deterministic); every model config carries one
     device: str = "auto"
 
@@ -53,17 +73,46 @@ class VisRank(Recommender):
             raise ValueError(f"VisRankConfig.agg must be one of {AGGREGATIONS}, got {self.config.agg!r}")
         if self.config.agg == "topk_mean" and self.config.top_t < 1:
             raise ValueError(f"VisRankConfig.top_t must be >= 1, got {self.config.top_t}")
+        if self.config.scoring not in SCORINGS:
+            raise ValueError(f"VisRankConfig.scoring must be one of {SCORINGS}, got {self.config.scoring!r}")
+        if self.config.neighbours_k < 1:
+            raise ValueError(f"VisRankConfig.neighbours_k must be >= 1, got {self.config.neighbours_k}")
         self.features: torch.Tensor | None = None  # L2-normalised [n_items, d]
         self.has_features: torch.Tensor | None = None
+        self.neighbours: tuple[torch.Tensor, torch.Tensor] | None = None  # (items int32, sims) [n_items, k]
 
     def attach_inputs(self, data: RecData, inputs: FitInputs) -> None:
         feats, mask = pooled_features(inputs, data.n_items, model="VisRank")
         self.features = normalise(feats, mask, center=self.config.center, l2=True)
         self.has_features = mask
+        self.neighbours = None  # derived from the features: rebuilt or reloaded after new ones
+
+    def uses_neighbours(self) -> bool:
+        """Whether ``max`` / ``topk_mean`` are scored from the neighbour table (``mean`` never is)."""
+        c = self.config
+        if c.agg == "mean" or c.scoring == "exact":
+            return False
+        return c.scoring == "neighbours" or self.features.shape[0] > c.exact_max_items
+
+    def _build_neighbours(self) -> None:
+        device = resolve_device(self.config.device)
+        items, sims = top_k_neighbours(
+            self.features.to(device), self.config.neighbours_k, max_block_elements=self.config.max_block_elements
+        )
+        self.neighbours = (items.cpu(), sims.cpu())
 
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
         self.attach_inputs(data, inputs)
-        return TrainHistory(notes={"trained": False, "items_with_features": int(self.has_features.sum())})
+        notes = {"trained": False, "items_with_features": int(self.has_features.sum())}
+        self.neighbours = None
+        if self.uses_neighbours():
+            self._build_neighbours()
+            notes["scoring"] = "neighbours"
+            notes["neighbours_k"] = int(self.neighbours[0].shape[1])
+        else:
+            notes["scoring"] = "exact"
+        self.log.info("VisRank agg=%s scoring=%s", self.config.agg, notes["scoring"])
+        return TrainHistory(notes=notes)
 
     def score(self, batch: ScoreBatch) -> torch.Tensor:
         if self.features is None:
@@ -79,6 +128,16 @@ class VisRank(Recommender):
         n = F.shape[0]
         agg = self.config.agg
         counts = mask.sum(1, keepdim=True)
+        if self.uses_neighbours():
+            if self.neighbours is None:
+                self._build_neighbours()
+            nbr_items, nbr_sims = (t.to(device) for t in self.neighbours)
+            self.neighbours = (nbr_items, nbr_sims)
+            out = neighbour_scores(
+                items, mask, nbr_items, nbr_sims, agg=agg, top_t=self.config.top_t,
+                max_block_elements=self.config.max_block_elements,
+            )
+            return torch.where(counts > 0, out, 0.0).float()
         if agg == "mean":
             # mean of cosines = cosine-weighted sum with the mean profile vector: one product
             r, c = torch.nonzero(mask, as_tuple=True)  # only real profile entries, no padded [b, L, d]
@@ -121,7 +180,10 @@ class VisRank(Recommender):
         # features are inputs (re-attached from the feature store); keep what checks they match
         if self.features is None:
             raise RuntimeError("VisRank: nothing to save before fit()")
-        return {"n_items": torch.tensor(self.features.shape[0]), "feature_dim": torch.tensor(self.features.shape[1])}
+        state = {"n_items": torch.tensor(self.features.shape[0]), "feature_dim": torch.tensor(self.features.shape[1])}
+        if self.neighbours is not None:
+            state["neighbour_items"], state["neighbour_sims"] = (t.cpu() for t in self.neighbours)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.features is None:
@@ -131,6 +193,15 @@ class VisRank(Recommender):
             raise ValueError(
                 f"VisRank: attached features have shape {tuple(self.features.shape)}, checkpoint expects {expected}"
             )
+        self.neighbours = None
+        if "neighbour_items" in state:
+            items, sims = state["neighbour_items"], state["neighbour_sims"]
+            k = min(self.config.neighbours_k, expected[0])
+            if tuple(items.shape) != (expected[0], k) or items.shape != sims.shape:
+                raise ValueError(
+                    f"VisRank: checkpoint neighbour table has shape {tuple(items.shape)}, expected ({expected[0]}, {k})"
+                )
+            self.neighbours = (items.to(torch.int32), sims.float())
 
 
 register(
