@@ -19,6 +19,7 @@ from visrec_pipeline.pipeline import DEFAULT_PROTOCOL, results_store
 from visrec_pipeline.reporting.acf_panel import acf_attention_panel
 from visrec_pipeline.recsys.registry import MODEL_SPECS
 from visrec_pipeline.reporting.benchmark import benchmark_table, noise_note, table_markdown
+from visrec_pipeline.reporting.claims import claims_markdown
 from visrec_pipeline.reporting.grids import png_markdown
 from visrec_pipeline.reporting.plots import metric_by_profile_size_png
 from visrec_pipeline.reporting.recommendation_grids import recommendation_grids_markdown
@@ -100,6 +101,9 @@ def write_benchmark_report(
     note = noise_note(table)
     if note:
         report_md += "\n" + note + "\n"
+    claims = claims_markdown(table)
+    if claims:
+        report_md += "\n" + claims
     if failed or unrecommended:
         report_md += "\n## Models that failed\n\n" + "".join(f"- `{m}`: {why}\n" for m, why in sorted(failed.items()))
         report_md += "".join(f"- `{m}`: recommendations: {why}\n" for m, why in sorted(unrecommended.items()))
