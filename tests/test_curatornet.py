@@ -11,7 +11,7 @@ from visrec_pipeline.recsys.base import FitInputs, ScoreBatch
 from visrec_pipeline.recsys.checkpoint import load_checkpoint, save_checkpoint
 from visrec_pipeline.recsys.data import CSR, UnknownIdError
 from visrec_pipeline.recsys.evaluate import evaluate
-from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, build_guided_triples
+from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig, GuidedTripleBatches, build_guided_triples
 from visrec_pipeline.recsys.models.curatornet import (
     CuratorNet,
     CuratorNetConfig,
@@ -168,6 +168,45 @@ def test_precomputed_guided_triples_are_used(syn):
     model = CuratorNet(_small(train={"epochs": 1}))
     history = model.fit(fit, inputs)
     assert history.notes["sampler"]["total"] == len(triples)
+
+
+def test_resampled_guided_triples_start_from_the_given_set_then_change_each_epoch(syn):
+    fit, _ = syn.data.validation_split()
+    triples = build_guided_triples(
+        fit.train, fit.train_ts, syn.features, clusters=syn.clusters, config=GuidedSamplerConfig(seed=3)
+    )
+    inputs = syn.inputs()
+    inputs.extra["triples_guided"] = triples
+    model = CuratorNet(_small(resample_guided=True))
+    epoch, notes = model.batch_source(fit, inputs, torch.device("cpu"))
+    assert notes["resampled_each_epoch"] is True
+
+    def drawn(e):
+        batches = list(epoch(e))
+        pairs = np.stack([torch.cat([b[k] for b in batches]).numpy() for k in ("pos", "neg")], 1)
+        return pairs[np.lexsort(pairs.T[::-1])]
+
+    given = np.stack([triples.pos, triples.neg], 1)
+    np.testing.assert_array_equal(drawn(0), given[np.lexsort(given.T[::-1])])
+    first, second = drawn(1), drawn(2)
+    assert not np.array_equal(first, drawn(0)) and not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, drawn(1))  # deterministic in (seeds, epoch)
+
+
+def test_guided_batches_grouped_by_profile_or_plainly_shuffled(syn):
+    fit, _ = syn.data.validation_split()
+    triples = build_guided_triples(fit.train, fit.train_ts, syn.features, clusters=syn.clusters)
+    inputs = syn.inputs()
+    inputs.extra["triples_guided"] = triples
+    orders = {}
+    for grouped in (True, False):
+        model = CuratorNet(_small(guided_batches_by_profile=grouped))
+        epoch, _ = model.batch_source(fit, inputs, torch.device("cpu"))
+        pos = torch.cat([b["pos"] for b in epoch(0)]).numpy()
+        ref = GuidedTripleBatches(triples, batch_size=128, seed=0, group_by_profile=grouped)
+        np.testing.assert_array_equal(pos, triples.pos[ref.order(0)])
+        orders[grouped] = pos
+    assert not np.array_equal(orders[True], orders[False])
 
 
 def test_recommend_for_profile(syn, trained):

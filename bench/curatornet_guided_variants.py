@@ -1,0 +1,81 @@
+"""CuratorNet guided-triple variants against the random-triples ablation on a built workspace (issue 15).
+
+One variant and seed per call; test AUC under the standard protocol, 6 epochs (the demo's cap), one
+torch thread, no checkpoint written. The workspace needs the assets upstream of the triples (see
+docs/curatornet_guided.md). The last line printed is a JSON object.
+
+    VISREC_DATA_DIR=<data> VISREC_DATASET=demo uv run --frozen --no-sync \\
+        python bench/curatornet_guided_variants.py shuffled_resample 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+VARIANTS: dict[str, dict] = {
+    "fixed": {},  # the default: one guided set, batches grouped by profile
+    "resample": {"resample_guided": True},
+    "shuffled": {"guided_batches_by_profile": False},
+    "shuffled_resample": {"guided_batches_by_profile": False, "resample_guided": True},
+    "no_g4": {"guided": {"profile_items_per_user": 0}},
+    "twice_the_positives": {
+        "guided": {
+            "holdouts_per_user": 10,
+            "prefixes_per_user": 10,
+            "similar_per_user": 20,
+            "profile_items_per_user": 20,
+            "single_profiles_per_user": 6,
+        }
+    },
+    "random": {"sampler": "random"},
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from visrec_pipeline import db
+    from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data
+    from visrec_pipeline.paths import Workspace
+    from visrec_pipeline.recsys.evaluate import evaluate
+    from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig
+    from visrec_pipeline.recsys.models.curatornet import CuratorNet, CuratorNetConfig
+
+    ws = Workspace.from_env()
+    with db.connect(ws.db_path, read_only=True) as conn:
+        data = load_rec_data(conn)
+    fit, validation = data.validation_split()
+    inputs = build_inputs(ws, frozenset({f"features:{FEATURE_BACKBONE}"}), fit)
+    inputs.validation = validation
+    kw = dict(VARIANTS[args.variant])
+    sampler = GuidedSamplerConfig(seed=args.seed, **kw.pop("guided", {}))
+    config = CuratorNetConfig(train={"epochs": args.epochs, "seed": args.seed}, guided=sampler, **kw)
+    start = time.perf_counter()
+    model = CuratorNet(config)
+    history = model.fit(fit, inputs)
+    auc = evaluate(model.score, data.holdout, len(data.items)).means["auc"]
+    print(json.dumps({
+        "variant": args.variant,
+        "seed": args.seed,
+        "auc": round(float(auc), 5),
+        "best_epoch": history.best_epoch,
+        "val_auc": [round(v, 4) for v in history.val_auc],
+        "loss": [round(v, 3) for v in history.loss],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
