@@ -104,3 +104,29 @@ def write_dataset(
 def make_dataset() -> Callable[..., Path]:
     """``make_dataset(folder, interactions, **kw)``: see ``write_dataset``."""
     return write_dataset
+
+
+def split_workspace(root: Path, rows, *, image_items: Iterable[int] | None = None, sync_images: bool = True) -> Workspace:
+    """A workspace over a dataset folder of ``rows`` with the library steps the upstream assets run:
+    interactions ingested, catalogue and split built, and (``sync_images``) the folder's images synced."""
+    from visrec_pipeline import db
+    from visrec_pipeline.images.store import ImageStore
+    from visrec_pipeline.images.sync import FolderImageSource, sync_item_images
+    from visrec_pipeline.ingest import build_catalog, build_interactions, build_split, ingest_batch
+
+    dataset = write_dataset(Path(root) / "dataset", rows, image_items=image_items)
+    ws = Workspace.from_settings(Path(root) / "data", str(dataset)).ensure()
+    with db.connect(ws.db_path) as conn:
+        ingest_batch(conn, "initial", dataset / "interactions.csv")
+        build_interactions(conn)
+        build_catalog(conn, None)
+        build_split(conn)
+    if sync_images:
+        sync_item_images(
+            lambda: db.connect(ws.db_path),
+            FolderImageSource(ws.dataset_dir / "images"),
+            ImageStore.for_workspace(ws),
+            workspace_root=ws.root,
+            workers=1,
+        )
+    return ws

@@ -9,16 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import split_workspace
 from visrec_pipeline import db
 from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.defs.embeddings import EMBEDDING_ASSETS
 from visrec_pipeline.defs.resources import default_resources
 from visrec_pipeline.embeddings import bring_your_own, store
 from visrec_pipeline.embeddings.bring_your_own import BroughtFeaturesError
-from visrec_pipeline.images.store import ImageStore
-from visrec_pipeline.images.sync import FolderImageSource, sync_item_images
-from visrec_pipeline.ingest import build_catalog, build_interactions, build_split, ingest_batch
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import load_trained, train_model
 
@@ -33,21 +30,7 @@ ASSET = next(a for a in EMBEDDING_ASSETS if a.key.path[-1] == f"embeddings_{FEAT
 
 def _workspace(tmp_path) -> Workspace:
     """Interactions ingested, catalogue and split built, images synced: the dataset has no image at all."""
-    dataset = write_dataset(tmp_path / "dataset", ROWS, image_items=[])
-    ws = Workspace.from_settings(tmp_path / "data", str(dataset)).ensure()
-    with db.connect(ws.db_path) as conn:
-        ingest_batch(conn, "initial", dataset / "interactions.csv")
-        build_interactions(conn)
-        build_catalog(conn, None)
-        build_split(conn)
-    sync_item_images(
-        lambda: db.connect(ws.db_path),
-        FolderImageSource(ws.dataset_dir / "images"),
-        ImageStore.for_workspace(ws),
-        workspace_root=ws.root,
-        workers=1,
-    )
-    return ws
+    return split_workspace(tmp_path, ROWS, image_items=[])
 
 
 def _features(seed: int = 0):

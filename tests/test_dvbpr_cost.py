@@ -8,12 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_dataset
-from visrec_pipeline import db
-from visrec_pipeline.images.store import ImageStore
-from visrec_pipeline.images.sync import FolderImageSource, sync_item_images
-from visrec_pipeline.ingest import build_catalog, build_interactions, build_split, ingest_batch
-from visrec_pipeline.paths import Workspace
+from conftest import split_workspace
 from visrec_pipeline.pipeline import checkpoint_path, train_model
 from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.cost import CostTooHighError, check_before_fit
@@ -71,15 +66,7 @@ def test_the_cpu_preset_passes_the_check_and_trains(one_torch_thread):
 def test_train_model_checks_the_cost_before_training(tmp_path, one_torch_thread):
     rows = [{"user_id": 100 + u, "item_id": 10 + (u + k) % 9, "timestamp": 1000 + 10 * k + u}
             for u in range(8) for k in range(4)]
-    dataset = write_dataset(tmp_path / "dataset", rows)
-    ws = Workspace.from_settings(tmp_path / "data", str(dataset)).ensure()
-    with db.connect(ws.db_path) as conn:
-        ingest_batch(conn, "initial", dataset / "interactions.csv")
-        build_interactions(conn)
-        build_catalog(conn, None)
-        build_split(conn)
-    sync_item_images(lambda: db.connect(ws.db_path), FolderImageSource(ws.dataset_dir / "images"),
-                     ImageStore.for_workspace(ws), workspace_root=ws.root, workers=1)
+    ws = split_workspace(tmp_path, rows)
     tight = {"preset": "cpu", "max_estimated_epoch_minutes": 1e-9, "train": {"epochs": 1, "device": "cpu"}}
     with pytest.raises(CostTooHighError, match="training was not started"):
         train_model(ws, "dvbpr", tight)

@@ -9,13 +9,9 @@ import dagster as dg
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import split_workspace
 from visrec_pipeline import db
 from visrec_pipeline.embeddings.store import ensure_tables as ensure_embedding_tables
-from visrec_pipeline.images.store import ImageStore
-from visrec_pipeline.images.sync import FolderImageSource, sync_item_images
-from visrec_pipeline.ingest import build_catalog, build_interactions, build_split, ingest_batch
-from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import (
     checkpoint_path,
     evaluate_model,
@@ -46,20 +42,7 @@ def ws(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("usecase")
-    dataset = write_dataset(root / "dataset", ROWS)
-    ws = Workspace.from_settings(root / "data", str(dataset)).ensure()
-    with db.connect(ws.db_path) as conn:
-        ingest_batch(conn, "initial", dataset / "interactions.csv")
-        build_interactions(conn)
-        build_catalog(conn, None)
-        build_split(conn)
-    sync_item_images(
-        lambda: db.connect(ws.db_path),
-        FolderImageSource(ws.dataset_dir / "images"),
-        ImageStore.for_workspace(ws),
-        workspace_root=ws.root,
-        workers=1,
-    )
+    ws = split_workspace(root, ROWS)
     train_model(ws, "most_popular")
     train_model(ws, "bpr_mf", BPR_CONFIG)
     yield ws

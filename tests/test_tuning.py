@@ -9,10 +9,8 @@ import dagster as dg
 import pytest
 import torch
 
-from conftest import write_dataset
+from conftest import split_workspace
 from visrec_pipeline import db
-from visrec_pipeline.ingest import build_catalog, build_interactions, build_split, ingest_batch
-from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline import train_model
 from visrec_pipeline.pipeline.tuning import TuningBudget, trial_config, tune_model
 from visrec_pipeline.pipeline.tuning_store import NoTuningError, best_tuned
@@ -35,13 +33,7 @@ def ws(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tuning")
-    dataset = write_dataset(root / "dataset", ROWS, image_items=[])
-    ws = Workspace.from_settings(root / "data", str(dataset)).ensure()
-    with db.connect(ws.db_path) as conn:
-        ingest_batch(conn, "initial", dataset / "interactions.csv")
-        build_interactions(conn)
-        build_catalog(conn, None)
-        build_split(conn)
+    ws = split_workspace(root, ROWS, image_items=[], sync_images=False)
     yield ws
     torch.set_num_threads(before)
 
