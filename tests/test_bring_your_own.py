@@ -61,15 +61,7 @@ def _served(ws: Workspace, ids, kind: str):
         return store.open_features(conn, ws.features_dir, FEATURE_BACKBONE, ids, kind)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_npy_features_are_registered_without_images_and_models_train_on_them(tmp_path, one_thread):
+def test_npy_features_are_registered_without_images_and_models_train_on_them(tmp_path, one_torch_thread):
     ws = _workspace(tmp_path)
     ids, pooled, spatial = _features()
     _write_npy(ws, ids, pooled, spatial)

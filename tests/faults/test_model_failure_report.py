@@ -26,7 +26,8 @@ MODELS = ("most_popular", "bpr_mf")
 REPORT_CONFIG = {"grid_users": 0, "attention_users": 0}
 
 
-def _run(instance, ws, ops: dict) -> dg.ExecuteJobResult:
+def _run(instance, ws, ops: dict, *, train: bool = True) -> dg.ExecuteJobResult:
+    """The models (unless ``train`` is off), their evaluations, recommendations and the report, in process."""
     resources = {
         "settings": {"config": {"data_dir": str(ws.data_dir), "dataset": ws.dataset}},
         "duckdb": {"config": {"database": str(ws.db_path)}},
@@ -35,7 +36,7 @@ def _run(instance, ws, ops: dict) -> dg.ExecuteJobResult:
         dg.reconstructable(all_assets_job),
         instance=instance,
         asset_selection=[
-            *(dg.AssetKey(f"model_{m}") for m in MODELS),
+            *(dg.AssetKey(f"model_{m}") for m in (MODELS if train else ())),
             *(dg.AssetKey(f"evaluation_{m}") for m in MODELS),
             dg.AssetKey("recommendations"),
             dg.AssetKey("benchmark_report"),
@@ -80,24 +81,7 @@ def test_a_model_failure_still_yields_the_report_naming_it(tmp_path):
         assert result.success
         path = checkpoint_path(ws, "bpr_mf")
         path.write_bytes(path.read_bytes()[:-64] + bytes(64))
-        result = dg.execute_job(
-            dg.reconstructable(all_assets_job),
-            instance=instance,
-            asset_selection=[
-                *(dg.AssetKey(f"evaluation_{m}") for m in MODELS),
-                dg.AssetKey("recommendations"),
-                dg.AssetKey("benchmark_report"),
-            ],
-            run_config={
-                "execution": {"config": {"in_process": {}}},
-                "resources": {
-                    "settings": {"config": {"data_dir": str(ws.data_dir), "dataset": ws.dataset}},
-                    "duckdb": {"config": {"database": str(ws.db_path)}},
-                },
-                "ops": {"benchmark_report": {"config": REPORT_CONFIG}},
-            },
-            raise_on_error=False,
-        )
+        result = _run(instance, ws, {}, train=False)
         assert [e.step_key for e in result.get_step_failure_events()] == ["evaluation_bpr_mf"]
         assert "recommendations" in _finished(result)  # the other model's items are stored
         with db.connect(ws.db_path, read_only=True) as conn:
