@@ -96,3 +96,16 @@ def test_most_popular_beats_random_on_popularity_driven_data():
     m.fit(syn.data, FitInputs())
     auc = evaluate(m.score, syn.data.holdout, syn.data.n_items, ks=()).means["auc"]
     assert auc > 0.6
+
+
+def test_blocked_pair_hash_equals_the_whole_matrix_hash():
+    from visrec_pipeline.recsys.models.baselines import hash_uniform, hash_uniform_pairs, splitmix64
+
+    rows = splitmix64(torch.tensor([0, 1, 7, -5, 2**40], dtype=torch.long))
+    cols = splitmix64(torch.arange(1003, dtype=torch.long))
+    whole = hash_uniform(rows.unsqueeze(1) ^ cols.unsqueeze(0)).float()
+    for block in (1, 7, 64, 1 << 16):  # blocks of one column, ragged last blocks, one block
+        assert torch.equal(hash_uniform_pairs(rows, cols, block_elements=block), whole)
+    u = hash_uniform_pairs(rows, cols)
+    assert u.dtype == torch.float32 and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.02

@@ -203,3 +203,52 @@ def test_cuda_autocast_training_runs():
         assert hist.notes["amp"] == ("bfloat16" if amp == "bf16" else "float16")
         assert hist.loss[-1] < hist.loss[0]
         assert model.w.device.type == "cuda"
+
+
+def slow_batches(n_batches: int, seconds_per_batch: float):
+    """Toy batches that take a known wall time each to produce (a stand-in for a slow batch source)."""
+    import time
+
+    def batches(epoch):
+        for b in toy_batches(n_batches=n_batches)(epoch):
+            time.sleep(seconds_per_batch)
+            yield b
+
+    return batches
+
+
+def test_time_budget_stops_between_epochs_and_keeps_the_best_validated_weights(caplog):
+    # epochs of ~0.1 s against a 0.45 s budget: a few epochs run, never the 200 asked for
+    calls = []
+    cfg = TrainConfig(epochs=200, batch_size=16, lr=0.1, device="cpu", max_minutes=0.45 / 60)
+    model = Toy()
+    with caplog.at_level(logging.INFO, logger="visrec.trainer"):
+        hist = fit_triples(model, slow_batches(10, 0.01), cfg, validate=lambda: calls.append(1) or len(calls))
+    run = hist.notes["epochs_run"]
+    assert 2 <= run <= 6 and hist.notes["stopped_by"] == "time_budget"
+    assert hist.notes["val_epochs"] == list(range(1, run + 1)), "the last epoch run is validated"
+    assert hist.best_epoch == run
+    assert hist.seconds < 0.45 + 0.3, "stopped before an epoch that would end past the budget"
+    assert "time budget: max_minutes=" in caplog.text and f"after {run} of 200 epochs" in caplog.text
+
+
+def test_time_budget_cuts_an_epoch_short_and_validates_it():
+    counted, calls = [], []
+
+    def batches(epoch):
+        for b in slow_batches(100, 0.01)(epoch):
+            counted.append(epoch)
+            yield b
+
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.1, device="cpu", max_minutes=0.2 / 60)
+    hist = fit_triples(Toy(), batches, cfg, validate=lambda: calls.append(1) or 0.6)
+    assert hist.notes["epochs_run"] == 1 and hist.notes["stopped_by"] == "time_budget"
+    assert 10 <= len(counted) < 100, "the epoch ended at the first batch past the budget"
+    assert calls == [1] and hist.best_epoch == 1
+
+
+def test_without_a_budget_every_epoch_runs_and_the_reason_is_said():
+    hist = fit_triples(Toy(), toy_batches(), TrainConfig(epochs=3, batch_size=16, lr=0.1, device="cpu"))
+    assert hist.notes["epochs_run"] == 3 and hist.notes["stopped_by"] == "epochs"
+    with pytest.raises(ValueError, match="max_minutes"):
+        fit_triples(Toy(), toy_batches(), TrainConfig(epochs=3, batch_size=16, lr=0.1, device="cpu", max_minutes=-1))

@@ -46,6 +46,42 @@ def demo_run_config(on_gpu: bool) -> dict:
     return {"ops": {op: {"config": cfg} for op, cfg in caps.items()}}
 
 
+# On a CPU, a dataset of the user's own gets every trained model's training capped at this many minutes
+# (``TrainConfig.max_minutes``; the best validated weights so far are kept), so a first run ends in
+# predictable time whatever the data size. VISREC_TRAIN_MINUTES sets it; 0 trains to the models' own
+# epochs and early stopping. The bundled demo has epoch caps instead (DEMO_EPOCHS).
+DEFAULT_TRAIN_MINUTES_CPU = 8.0
+
+
+def train_minutes_from_env(environ=os.environ) -> float:
+    raw = environ.get("VISREC_TRAIN_MINUTES", "").strip()
+    if not raw:
+        return DEFAULT_TRAIN_MINUTES_CPU
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise SystemExit(f"VISREC_TRAIN_MINUTES must be a number of minutes (0: no limit), got {raw!r}") from None
+    if not minutes >= 0:
+        raise SystemExit(f"VISREC_TRAIN_MINUTES must be >= 0 (0: no limit), got {raw!r}")
+    return minutes
+
+
+def user_data_run_config(on_gpu: bool, minutes: float) -> dict:
+    """Op config for a run on the user's own data: on a CPU, every model with a training loop gets
+    ``train.max_minutes`` (nothing on a GPU, or with ``minutes`` 0)."""
+    if on_gpu or minutes <= 0:
+        return {}
+    import dataclasses
+
+    from visrec_pipeline.recsys.registry import MODEL_SPECS
+
+    trained = [
+        name for name, spec in MODEL_SPECS.items()
+        if "train" in {f.name for f in dataclasses.fields(spec.config_cls)}
+    ]
+    return {"ops": {f"model_{name}": {"config": {"train": {"max_minutes": minutes}}} for name in trained}}
+
+
 # the CPU demo's epoch caps, shared by the demo run and the tuning run
 DEMO_EPOCHS = {"vbpr": 15, "bpr_mf": 20, "acf": 8, "curatornet": 6, "curatornet_random": 6}
 TUNING_JOB = "visrec_tuning"
@@ -105,6 +141,13 @@ def run_demo(in_process: bool = False) -> int:
     run_config: dict = {"execution": {"config": {"in_process": {}}}} if in_process else {}
     if ws.is_demo:
         run_config.update(demo_run_config(torch.cuda.is_available()))
+    else:
+        minutes = train_minutes_from_env()
+        user_config = user_data_run_config(torch.cuda.is_available(), minutes)
+        if user_config:
+            print(f"  on a CPU: each model's training is capped at {minutes:g} min, keeping its best validated "
+                  "weights (VISREC_TRAIN_MINUTES=0: no cap)", flush=True)
+        run_config.update(user_config)
     with dg.DagsterInstance.get() as instance:
         # a demo killed earlier must not keep this one waiting for its pool slots (the run's executor
         # does it too, and keeps doing it while the run lasts; here it is said on the console first)

@@ -3,7 +3,10 @@
 ``fit_triples`` runs epochs over ``batches(epoch)`` (dicts of tensors already on the
 device), optimises ``loss_fn(module, batch)`` (default ``module.loss(batch)``), validates
 every ``eval_every`` epochs, stops early after ``patience`` validations without
-improvement and restores the best weights. ``make_validator`` turns a model and the
+improvement and restores the best weights. With ``max_minutes`` it also stops on time: at the
+first batch past the budget (that partial epoch is validated and counted), or before an epoch
+that the mean epoch time so far says would end past it; ``history.notes["stopped_by"]`` says
+which rule ended training. ``make_validator`` turns a model and the
 validation holdout (carved from training rows, never the test holdout) into the
 ``validate`` callable: mean AUC over a fixed, seeded subset of validation users.
 """
@@ -46,6 +49,9 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None
     # mixed precision on CUDA: "auto" (bf16 where supported, else fp16 + GradScaler), "bf16", "fp16", "off"
     amp: str = "auto"
+    # wall-clock budget for the whole training, validations included (0: none). A first run on a large
+    # dataset on a CPU ends in predictable time with the best weights validated so far.
+    max_minutes: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +141,8 @@ def fit_triples(
         raise ValueError(f"TrainConfig.epochs must be >= 1, got {cfg.epochs}")
     if cfg.eval_every < 1:
         raise ValueError(f"TrainConfig.eval_every must be >= 1, got {cfg.eval_every}")
+    if not cfg.max_minutes >= 0:
+        raise ValueError(f"TrainConfig.max_minutes must be >= 0 (0: no limit), got {cfg.max_minutes}")
     log = log or _LOG
     loss_fn = loss_fn or _default_loss
     seed_everything(cfg.seed)
@@ -152,6 +160,8 @@ def fit_triples(
     triples_per_s: list[float] = []
     best_auc, best_state, stale = -math.inf, None, 0
     started = time.perf_counter()
+    budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes > 0 else math.inf
+    stopped_by = "epochs"
 
     for epoch in range(cfg.epochs):
         module.train()
@@ -176,6 +186,9 @@ def fit_triples(
                 optimizer.step()
             loss_sum += loss.detach().double() * n
             n_seen += n
+            if time.perf_counter() - started > budget_s:
+                stopped_by = "time_budget"
+                break
         if n_seen == 0:
             raise RuntimeError(f"epoch {epoch + 1}: the batch source yielded no triples")
         epoch_loss = float(loss_sum) / n_seen
@@ -189,9 +202,14 @@ def fit_triples(
                 f"epoch {epoch + 1}: training loss is {epoch_loss}; lower the learning rate or check the inputs"
             )
         history.loss.append(epoch_loss)
+        # the budget ends training now, or the next epoch (at the mean epoch time so far) would end past it
+        elapsed = time.perf_counter() - started
+        out_of_time = stopped_by == "time_budget" or (
+            epoch + 1 < cfg.epochs and elapsed + elapsed / (epoch + 1) > budget_s
+        )
 
         auc_msg = ""
-        if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time):
             module.eval()
             with torch.no_grad():
                 auc = float(validate())
@@ -207,8 +225,17 @@ def fit_triples(
             "epoch %d/%d loss=%.5f%s triples/s=%.0f (%.1fs)",
             epoch + 1, cfg.epochs, epoch_loss, auc_msg, rate, seconds,
         )
+        if out_of_time:
+            partial = " (this epoch cut short)" if stopped_by == "time_budget" else ""
+            log.info(
+                "time budget: max_minutes=%g; training stopped after %d of %d epochs%s, %.0f s in all",
+                cfg.max_minutes, epoch + 1, cfg.epochs, partial, elapsed,
+            )
+            stopped_by = "time_budget"
+            break
         if validate is not None and stale >= cfg.patience:
             log.info("early stop: no validation improvement in %d evaluations", stale)
+            stopped_by = "early_stopping"
             break
 
     if best_state is not None:
@@ -223,6 +250,7 @@ def fit_triples(
             "best_val_auc": best_auc if best_state is not None else None,
             "triples_per_s": round(float(np.mean(triples_per_s)), 1) if triples_per_s else None,
             "epochs_run": len(history.loss),
+            "stopped_by": stopped_by,
         }
     )
     return history

@@ -35,6 +35,34 @@ def hash_uniform(keys: torch.Tensor) -> torch.Tensor:
     return _srl(splitmix64(keys), 11).double() * (1.0 / 2**53)
 
 
+def hash_uniform_pairs(
+    row_keys: torch.Tensor, col_keys: torch.Tensor, *, block_elements: int = 1 << 16
+) -> torch.Tensor:
+    """``hash_uniform(row_keys[:, None] ^ col_keys[None, :])`` as float32 ``[rows, cols]``, computed in column
+    blocks of about ``block_elements`` pairs with in-place steps: the int64 temporaries of a whole
+    ``[rows, cols]`` hash would leave the CPU caches at a large catalogue and make the cost per pair grow."""
+    rows, cols = row_keys.shape[0], col_keys.shape[0]
+    out = torch.empty((rows, cols), dtype=torch.float32, device=row_keys.device)
+    width = max(1, block_elements // max(rows, 1))
+    x = torch.empty((rows, min(width, cols)), dtype=torch.long, device=row_keys.device)
+    t = torch.empty_like(x)
+    for start in range(0, cols, width):
+        stop = min(start + width, cols)
+        xb, tb = x[:, : stop - start], t[:, : stop - start]
+        torch.bitwise_xor(row_keys.unsqueeze(1), col_keys[start:stop].unsqueeze(0), out=xb)
+        xb += _GOLDEN
+        for shift, mix in ((30, _MIX1), (27, _MIX2), (31, None)):
+            torch.bitwise_right_shift(xb, shift, out=tb)
+            tb &= (1 << (64 - shift)) - 1  # logical shift: ``>>`` on int64 is arithmetic
+            xb ^= tb
+            if mix is not None:
+                xb *= mix
+        torch.bitwise_right_shift(xb, 11, out=tb)
+        tb &= (1 << 53) - 1
+        out[:, start:stop] = tb.double() * (1.0 / 2**53)
+    return out
+
+
 @dataclass
 class RandomConfig:
     seed: int = 0
@@ -70,7 +98,7 @@ class RandomRecommender(Recommender):
         seed_key = splitmix64(torch.tensor(int(self.config.seed), dtype=torch.long, device=device))
         user_key = splitmix64(users ^ seed_key)
         items = torch.arange(self.n_items, dtype=torch.long, device=device)
-        return hash_uniform(user_key.unsqueeze(1) ^ splitmix64(items).unsqueeze(0)).float()
+        return hash_uniform_pairs(user_key, splitmix64(items))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"n_items": torch.tensor(self.n_items if self.n_items is not None else -1)}
