@@ -24,10 +24,12 @@ wall time, CPU time (user + sys, ``os.wait4``), peak RSS (``ru_maxrss`` of that 
 past ``--timeout`` or past ``--max-rss-gb`` is killed and reported as ``timeout`` / ``oom-killed``,
 one the system kills as ``oom-killed``, an exception as ``failed`` with its message. The baseline is
 linear scaling: each model's growth exponent from the smallest to the largest size (fit: in
-interactions; evaluation: in items x users; from the in-process ``fit``/``evaluate`` seconds) is
-printed with its ratio to 1.0 (null where the small size's step took under 0.05 s), and each step's
-time relative to bpr_mf's at the same size. The last
-line printed is one JSON object (also written to ``<out>/scale.json``).
+interactions; evaluation: in items x users; from the CPU seconds of the in-process ``fit`` / ``evaluate``,
+``fit_wall`` / ``eval_wall`` from their wall seconds) is printed with its ratio to 1.0 (null where the small
+size's step took under 0.05 s), the largest of them as ``max_exponent``, and each step's time relative to
+bpr_mf's at the same size. ``--jobs 2`` runs two models' step processes at once (on 2 cores: half the
+wall time; CPU seconds and each process's peak RSS are its own). The last line printed is one JSON
+object (also written to ``<out>/scale.json``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +286,7 @@ def run_size(size_name: str, models: list[str], args) -> dict:
         for name in models:
             entry["models"][name] = {"status": "failed", "reason": f"no data: {gen.get('reason')}"}
         return entry
-    for name in models:
+    def run_model(name: str) -> dict:
         ckpt = work / f"{name}.pt"
         fit = run_step(["fit", name, str(folder), str(ckpt)], work / f"{name}.fit.log", work / f"{name}.fit.json", **step)
         record: dict = {"status": fit["status"], "fit": fit}
@@ -299,12 +302,18 @@ def run_size(size_name: str, models: list[str], args) -> dict:
             record["reason"] = f"fit: {fit.get('reason')}"
         ckpt.unlink(missing_ok=True)  # checkpoints of L run to GBs: keep the figures, not them
         Path(f"{ckpt}.sha256").unlink(missing_ok=True)
-        entry["models"][name] = record
         print(f"[{size.name}] {name}: {record['status']}"
               f" fit {fit.get('seconds')} s / peak {fit.get('peak_rss_gb')} GB"
               + (f", eval {record['eval'].get('seconds')} s / peak {record['eval'].get('peak_rss_gb')} GB"
                  if "eval" in record else "")
               + (f" ({record['reason']})" if "reason" in record else ""), file=sys.stderr, flush=True)
+        return record
+
+    # --jobs step processes at once (each watched and measured on its own; the exponents use CPU seconds,
+    # which a neighbour on another core barely changes)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        records = dict(zip(models, pool.map(run_model, models)))
+    entry["models"] = {name: records[name] for name in models}
     base = entry["models"].get("bpr_mf", {})
     for name, rec in entry["models"].items():
         rec["fit_vs_bpr_mf"] = _ratio(rec.get("fit", {}).get("seconds"), base.get("fit", {}).get("seconds"))
@@ -320,24 +329,30 @@ def summarise(results: dict, models: list[str]) -> dict:
         exponents = {"from": sizes[0], "to": sizes[-1], "baseline_linear": 1.0, "models": {}}
         for name in models:
             s, l = small["models"].get(name, {}), large["models"].get(name, {})
-            fit_e = _exponent(s.get("fit", {}).get("seconds"), l.get("fit", {}).get("seconds"),
-                              small["interactions"], large["interactions"])
-            eval_e = _exponent(s.get("eval", {}).get("seconds"), l.get("eval", {}).get("seconds"),
-                               small["items"] * small["users"], large["items"] * large["users"])
-            exponents["models"][name] = {
-                "fit": fit_e, "eval": eval_e,
-                "fit_vs_linear": fit_e, "eval_vs_linear": eval_e,  # ratio to the baseline exponent 1.0
-            }
+            grow = {"fit": (small["interactions"], large["interactions"]),
+                    "eval": (small["items"] * small["users"], large["items"] * large["users"])}
+            e = {}
+            for step, (n_small, n_large) in grow.items():
+                # CPU seconds of the step's own work (1 thread: its wall time on an idle machine)
+                e[step] = _exponent(s.get(step, {}).get("cpu_seconds"), l.get(step, {}).get("cpu_seconds"), n_small, n_large)
+                e[f"{step}_wall"] = _exponent(s.get(step, {}).get("seconds"), l.get(step, {}).get("seconds"), n_small, n_large)
+                e[f"{step}_vs_linear"] = e[step]  # ratio to the baseline exponent 1.0
+            exponents["models"][name] = e
     peaks = [
         step.get("peak_rss_gb", 0.0)
         for entry in results.values()
         for rec in entry["models"].values()
         for step in (rec.get("fit", {}), rec.get("eval", {}))
     ]
+    worst = {
+        step: max((e[step] for e in exponents.get("models", {}).values() if e.get(step) is not None), default=None)
+        for step in ("fit", "eval")
+    }
     return {
         "bench": "scale",
         "sizes": results,
         "exponents": exponents,
+        "max_exponent": worst,
         "baseline": {"exponent": 1.0, "models": list(BASELINE_MODELS)},
         "max_peak_rss_gb": round(max(peaks, default=0.0), 3),
         "all_completed": all(
@@ -355,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rss-gb", type=float, default=8.0,
                    help="kill a step whose RSS passes this (0: never), reported as oom-killed; 8 GB is the goal")
     p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads per step process")
+    p.add_argument("--jobs", type=int, default=1, help="step processes run at once (models in parallel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(data_dir / "bench" / "scale"), help="logs and scale.json")
     p.add_argument("--cache-dir", default=str(data_dir / "cache" / "scale"), help="generated datasets, by size + seed")

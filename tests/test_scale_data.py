@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,8 @@ def test_a_step_past_its_timeout_or_memory_cap_or_raising_is_reported_so(xs_fold
 
 def test_the_bench_runs_a_model_at_xs_and_ends_with_one_json_line(tmp_path):
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scale.py"), "--sizes", "XS", "--models", "most_popular",
-         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--timeout", "300"],
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--sizes", "XS", "--models", "most_popular,random",
+         "--jobs", "2", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--timeout", "300"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -143,3 +144,19 @@ def test_the_bench_runs_a_model_at_xs_and_ends_with_one_json_line(tmp_path):
     assert 0 < summary["max_peak_rss_gb"] < 8
     assert rec["fit"]["peak_rss_gb"] > 0 and rec["eval"]["process_cpu_seconds"] > 0
     assert summary["exponents"] == {}  # one size: no growth to measure
+    assert list(summary["sizes"]["XS"]["models"]) == ["most_popular", "random"]  # --jobs 2 keeps the order
+    assert summary["sizes"]["XS"]["models"]["random"]["status"] == "completed"
+
+
+def test_exponents_come_from_cpu_seconds_with_wall_beside():
+    bench = _bench_module()
+    def size(n, cpu, wall):
+        step = {"cpu_seconds": cpu, "seconds": wall, "peak_rss_gb": 1.0}
+        return {"interactions": n, "items": n // 10, "users": n // 50,
+                "models": {"m": {"status": "completed", "fit": step, "eval": step}}}
+
+    # 10x interactions (100x items x users); CPU 10x for fit and 100x for eval; wall inflated by a busy machine
+    summary = bench.summarise({"S": size(1000, 1.0, 1.0), "L": size(10_000, 10.0, 40.0)}, ["m"])
+    e = summary["exponents"]["models"]["m"]
+    assert e["fit"] == 1.0 and e["fit_wall"] == round(math.log(40) / math.log(10), 3)
+    assert e["eval"] == 0.5 and summary["max_exponent"] == {"fit": 1.0, "eval": 0.5}
