@@ -160,3 +160,28 @@ def test_pickled_or_missing_files_are_clear_errors(tmp_path):
     pd.DataFrame({"item_id": [10, 11], "embedding": [[1.0, 2.0], [1.0]]}).to_parquet(folder / f"{FEATURE_BACKBONE}.parquet")
     with pytest.raises(BroughtFeaturesError, match="embedding lengths differ: row 1 has 1, row 0 has 2"):
         _register(ws)
+
+
+def test_a_dataset_with_features_and_no_images_fetches_nothing_and_its_checks_pass(tmp_path):
+    import shutil
+
+    from visrec_pipeline.defs.images import CommonsImageSource, item_images, item_images_ok_share
+
+    ws = split_workspace(tmp_path, ROWS, sync_images=False)
+    shutil.rmtree(ws.dataset_dir / "images", ignore_errors=True)
+    ids, pooled, _ = _features()
+    _write_npy(ws, ids, pooled)
+    # no contact set: Commons would refuse to start, so passing shows nothing tried to reach it
+    resources = {**default_resources(ws), "commons": CommonsImageSource(contact="")}
+    result = dg.materialize([item_images, item_images_ok_share, *EMBEDDING_ASSETS], resources=resources)
+    assert result.success
+    md = result.asset_materializations_for_node("item_images")[0].metadata
+    assert md["source"].value == "none" and md["brought_features"].value == FEATURE_BACKBONE
+    assert md["processed_this_run"].value == 0
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["item_images_ok_share"].passed
+    assert "no images expected" in checks["item_images_ok_share"].description
+    feats, mask = _served(ws, np.sort(ids), "pooled")
+    assert feats.shape == (N_ITEMS, DIM) and bool(np.all(mask))
+    for other in EMBEDDING_ASSETS:  # a backbone the folder ships nothing for: an empty materialization
+        assert result.asset_materializations_for_node(other.key.path[-1])

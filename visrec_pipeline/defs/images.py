@@ -1,13 +1,19 @@
 """``item_images``: every catalogued item's image validated, thumbnailed and stored content-addressed.
 
 Sources: the dataset folder's ``images/`` or Wikimedia Commons (by the
-catalogue's file title), through :class:`CommonsImageSource`. The work itself
+catalogue's file title), through :class:`CommonsImageSource`; or none, for a
+dataset folder that ships its features (``features/``, see
+``embeddings/bring_your_own.py``) and no ``images/``: nothing is fetched, the
+models read the brought features, and only models that train on pixels
+(DVBPR) stop, saying why. The work itself
 is plain Python in ``visrec_pipeline.images``; this module wires it to Dagster.
 
 Checks:
 - ``item_images_ok_share``: the share of catalogued items with an ``ok`` image
   is at least ``VISREC_MIN_IMAGE_SHARE`` (environment variable, read when the
   check runs; default 0.9). An env var because asset checks take no run config.
+  A dataset that ships features and no images expects none: the check passes
+  and says so.
 - ``item_images_files_intact``: every ``ok`` row's thumbnail exists and its
   SHA-256 equals ``content_hash``.
 
@@ -27,6 +33,8 @@ from pydantic import Field, field_validator
 from visrec_pipeline.defs.automation import data_side
 from visrec_pipeline.defs.resources import DUCKDB_POOL, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.temp_files import remove_leftover_temps
+from visrec_pipeline.embeddings import bring_your_own
+from visrec_pipeline.embeddings.backbones import BACKBONES
 from visrec_pipeline.images.commons import (
     DEFAULT_API_URL,
     STANDARD_THUMB_WIDTHS,
@@ -100,8 +108,10 @@ class CommonsImageSource(dg.ConfigurableResource):
 
 
 class ItemImagesConfig(dg.Config):
-    source: Literal["folder", "commons", "auto"] = Field(
-        default="auto", description="auto: the dataset folder's images/ when it exists, else Commons by title."
+    source: Literal["folder", "commons", "none", "auto"] = Field(
+        default="auto",
+        description="auto: the dataset folder's images/ when it exists; else none when the folder ships features "
+        "(features/<backbone>.npy or .parquet); else Commons by title. none: fetch nothing.",
     )
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="Refuse images with more pixels.")
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0, description="Refuse image files larger than this.")
@@ -125,12 +135,27 @@ def md_table(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def _resolve_source(config: ItemImagesConfig, settings: VisrecSettings, commons: CommonsImageSource) -> ImageSource:
+def ships_features_without_images(ws) -> list[str]:
+    """The backbones whose features the dataset folder ships, when it has no ``images/`` (else [])."""
+    if ws.is_demo or (ws.dataset_dir / "images").is_dir():
+        return []
+    return [name for name in BACKBONES if bring_your_own.find(ws.dataset_dir, name) is not None]
+
+
+def _resolve_source(
+    config: ItemImagesConfig, settings: VisrecSettings, commons: CommonsImageSource
+) -> ImageSource | None:
+    """The image source, or None for ``none`` (nothing to fetch)."""
     ws = settings.workspace
     images_dir = ws.dataset_dir / "images"
     kind = config.source
     if kind == "auto":  # the demo always has its images on disk, never on Commons
-        kind = "folder" if images_dir.is_dir() or ws.is_demo else "commons"
+        if images_dir.is_dir() or ws.is_demo:
+            kind = "folder"
+        else:
+            kind = "none" if ships_features_without_images(ws) else "commons"
+    if kind == "none":
+        return None
     if kind == "folder":
         if not images_dir.is_dir():
             raise dg.Failure(f"source=folder but the dataset has no images/ folder: {images_dir}")
@@ -169,6 +194,8 @@ def item_images(
     store = ImageStore.for_workspace(ws)
     temps_removed = remove_leftover_temps(context, store.root)
     source = _resolve_source(config, settings, commons)
+    if source is None:
+        return _no_images(context, settings, duckdb, temps_removed)
     limits = ImageLimits(max_pixels=config.max_pixels, max_bytes=config.max_bytes)
 
     def progress(_chunk: int, report: SyncReport) -> None:
@@ -228,6 +255,33 @@ def item_images(
     return dg.MaterializeResult(metadata=metadata)
 
 
+def _no_images(
+    context: dg.AssetExecutionContext, settings: VisrecSettings, duckdb: VisrecDuckDB, temps_removed: int
+) -> dg.MaterializeResult:
+    """source none: the table exists (downstream reads it) and nothing is fetched."""
+    ws = settings.workspace
+    brought = ships_features_without_images(ws)
+    with duckdb.get_connection() as conn:
+        images_table.ensure_table(conn)
+        summary = images_table.catalogue_status_summary(conn)
+        n_rows = images_table.row_count(conn)
+    context.log.info(
+        f"item_images: source none: the dataset folder {ws.dataset_dir} has no images/ "
+        f"{'and ships features for ' + ', '.join(brought) if brought else ''}; nothing fetched. Models that "
+        "train on pixels (DVBPR) need images: add images/ or set source: commons."
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "source": "none",
+            "dagster/row_count": n_rows,
+            "catalogued_items": int(summary["items"].sum()) if not summary.empty else 0,
+            "brought_features": ", ".join(brought) or "none",
+            "processed_this_run": 0,
+            "temp_files_removed": temps_removed,
+        }
+    )
+
+
 def min_image_share() -> float:
     """The floor of ``item_images_ok_share`` from ``VISREC_MIN_IMAGE_SHARE`` (default 0.9)."""
     raw = os.environ.get(MIN_IMAGE_SHARE_ENV, "").strip()
@@ -248,15 +302,19 @@ def min_image_share() -> float:
     description=f"Share of catalogued items with an ok image >= {MIN_IMAGE_SHARE_ENV} (default "
     f"{DEFAULT_MIN_IMAGE_SHARE}).",
 )
-def item_images_ok_share(duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
+def item_images_ok_share(settings: VisrecSettings, duckdb: VisrecDuckDB) -> dg.AssetCheckResult:
     floor = min_image_share()
     with duckdb.get_connection() as conn:
         total, ok = images_table.catalogued_and_ok(conn)
     share = ok / total if total else 0.0
+    brought = ships_features_without_images(settings.workspace) if ok == 0 else []
+    description = None if total else "item_catalog is empty"
+    if brought and total:
+        description = f"no images expected: the dataset ships features ({', '.join(brought)}) and no images/"
     return dg.AssetCheckResult(
-        passed=bool(total) and share >= floor,
+        passed=bool(total) and (share >= floor or bool(brought)),
         metadata={"ok_items": int(ok), "catalogued_items": int(total), "ok_share": round(share, 4), "floor": floor},
-        description=None if total else "item_catalog is empty",
+        description=description,
     )
 
 
