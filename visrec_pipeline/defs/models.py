@@ -209,6 +209,8 @@ def _training_metadata(trained: TrainedModel) -> dict:
         metadata["epochs_run"] = len(history.loss)
         metadata["final_loss"] = float(history.loss[-1])
         metadata["best_epoch"] = history.best_epoch if history.best_epoch is not None else -1
+        if "stopped_by" in history.notes:  # time_budget / early_stopping / epochs
+            metadata["stopped_by"] = str(history.notes["stopped_by"])
         png = training_curves_png(history.loss, history.val_auc, title=name)
         metadata["training_curves"] = dg.MetadataValue.md(png_markdown(png, f"{name} training curves"))
     # a model that reports how spread its attentions are (ACF: normalised entropies, max shares) gets
