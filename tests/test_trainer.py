@@ -252,3 +252,14 @@ def test_without_a_budget_every_epoch_runs_and_the_reason_is_said():
     assert hist.notes["epochs_run"] == 3 and hist.notes["stopped_by"] == "epochs"
     with pytest.raises(ValueError, match="max_minutes"):
         fit_triples(Toy(), toy_batches(), TrainConfig(epochs=3, batch_size=16, lr=0.1, device="cpu", max_minutes=-1))
+
+
+def test_the_first_epoch_says_what_an_epoch_will_cost(caplog):
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, device="cpu", max_minutes=10)
+    with caplog.at_level(logging.INFO, logger="visrec.trainer"):
+        hist = fit_triples(Toy(), slow_batches(40, 0.02), cfg, batches_per_epoch=40)
+    est = hist.notes["epoch_estimate"]
+    assert est["batches"] == 40 and 3 <= est["measured_batches"] <= 20
+    assert 0.5 <= est["epoch_seconds"] <= 3.0  # 40 batches of ~0.02 s
+    assert "one epoch estimated at" in caplog.text and "room for about 2 of 2 epochs" in caplog.text
+    assert "epoch_estimate" not in fit_triples(Toy(), toy_batches(), cfg).notes  # length unknown: nothing said

@@ -74,6 +74,14 @@ class TripleTrainedConfig:
         return field.default_factory()  # type: ignore[misc]
 
 
+def _batches_per_epoch(notes: dict, batch_size: int) -> int | None:
+    """An epoch's batch count from the batch source's notes, when they give it."""
+    if notes.get("batches_per_epoch"):
+        return int(notes["batches_per_epoch"])
+    triples = notes.get("triples_per_epoch")
+    return -(-int(triples) // batch_size) if triples else None
+
+
 class _ModuleLoss:
     """``loss_fn`` for the trainer: the module's loss with this model's options."""
 
@@ -161,6 +169,7 @@ class TripleTrainedModel(Recommender):
             validate=validate,
             optimizer=self.optimizer(self.module),
             log=self.log,
+            batches_per_epoch=_batches_per_epoch(sampler_notes, cfg.batch_size),
         )
         self.invalidate_cache()
         self.build_cache()  # from the weights training kept
