@@ -185,3 +185,30 @@ def test_a_dataset_with_features_and_no_images_fetches_nothing_and_its_checks_pa
     assert feats.shape == (N_ITEMS, DIM) and bool(np.all(mask))
     for other in EMBEDDING_ASSETS:  # a backbone the folder ships nothing for: an empty materialization
         assert result.asset_materializations_for_node(other.key.path[-1])
+
+
+def test_unchanged_brought_files_are_not_hashed_again_and_changed_ones_are(tmp_path):
+    import json
+    import os
+
+    ws = _workspace(tmp_path)
+    ids, pooled, _ = _features()
+    _write_npy(ws, ids, pooled)
+    md = _materialize(ws)
+    cache_file = ws.features_dir / bring_your_own.DIGEST_CACHE
+    cache = json.loads(cache_file.read_text())
+    pooled_file = (ws.dataset_dir / "features" / f"{FEATURE_BACKBONE}.npy").resolve()
+    real = cache[str(pooled_file)]["sha256"]
+    # a recorded digest is trusted while size, mtime and inode match: plant a marker to see it used
+    cache[str(pooled_file)]["sha256"] = "0" * 64
+    cache_file.write_text(json.dumps(cache))
+    found = bring_your_own.find(ws.dataset_dir, FEATURE_BACKBONE)
+    assert bring_your_own.fingerprint(found, cache_file)[1][pooled_file.name].sha256 == "0" * 64
+    # the file written again (new mtime): hashed again, the cache corrected
+    st = pooled_file.stat()
+    os.utime(pooled_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert bring_your_own.fingerprint(found, cache_file)[1][pooled_file.name].sha256 == real
+    assert json.loads(cache_file.read_text())[str(pooled_file)]["sha256"] == real
+    cache_file.write_text("{not json")  # a damaged cache: everything hashed, nothing lost
+    again = _materialize(ws)
+    assert again["reused"].value is True and again["weights_tag"].value == md["weights_tag"].value

@@ -19,6 +19,7 @@ the index rows' content hash ``byo:<hash>`` marks them as served without an imag
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.embeddings import shard_files, store
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
@@ -75,9 +77,38 @@ def find(dataset_dir: Path, backbone: str) -> BroughtFiles | None:
     return BroughtFiles(backbone, pooled, ids if ids.is_file() else None, spatial if spatial.is_file() else None)
 
 
-def fingerprint(found: BroughtFiles) -> tuple[str, dict[str, shard_files.FileDigest]]:
-    """(SHA-256 over the files' names, sizes and hashes; name -> digest of each file)."""
-    digests = {p.name: shard_files.digest(p) for p in found.files}
+# The brought files' digests, by path, size, mtime and inode: a re-run does not hash gigabytes of unchanged
+# files again (any write to a file changes its mtime, a replaced file its inode too).
+DIGEST_CACHE = "brought_digests.json"
+
+
+def _digest(path: Path, cache: dict) -> shard_files.FileDigest:
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return shard_files.FileDigest(st.st_size, hit["sha256"])
+    d = shard_files.digest(path)
+    cache[key] = {"stamp": stamp, "sha256": d.sha256}
+    return d
+
+
+def fingerprint(
+    found: BroughtFiles, cache_file: Path | None = None
+) -> tuple[str, dict[str, shard_files.FileDigest]]:
+    """(SHA-256 over the files' names, sizes and hashes; name -> digest of each file). With ``cache_file``,
+    a file whose size, mtime and inode are those recorded there is not hashed again."""
+    cache: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):  # unreadable: hash everything, rewrite it
+            cache = {}
+        cache = cache if isinstance(cache, dict) else {}
+    digests = {p.name: _digest(p, cache) for p in found.files}
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache, indent=1))
     h = hashlib.sha256()
     for name, d in sorted(digests.items()):
         h.update(f"{name}:{d.bytes}:{d.sha256}\n".encode())
@@ -289,7 +320,7 @@ def register(connect: Connect, features_dir: Path, found: BroughtFiles, revision
     """Validate ``found`` and make it the served features of its backbone (nothing is copied when the
     same files are registered already). Files are hashed and copied with no connection held."""
     backbone = found.backbone
-    combined, digests = fingerprint(found)
+    combined, digests = fingerprint(found, Path(features_dir) / DIGEST_CACHE)
     tag = f"byo-{combined[:16]}"
     with connect() as conn:
         store.ensure_tables(conn)
