@@ -212,3 +212,14 @@ def test_unchanged_brought_files_are_not_hashed_again_and_changed_ones_are(tmp_p
     cache_file.write_text("{not json")  # a damaged cache: everything hashed, nothing lost
     again = _materialize(ws)
     assert again["reused"].value is True and again["weights_tag"].value == md["weights_tag"].value
+
+
+def test_a_model_that_trains_on_pixels_stops_at_once_when_no_item_has_an_image(tmp_path):
+    from visrec_pipeline.model_io import NoImagesError
+
+    ws = _workspace(tmp_path)
+    ids, pooled, _ = _features()
+    _write_npy(ws, ids, pooled)
+    _materialize(ws)
+    with pytest.raises(NoImagesError, match=f"none of the {N_ITEMS} items has an ok image"):
+        train_model(ws, "dvbpr", {"preset": "cpu"})

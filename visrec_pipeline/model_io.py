@@ -119,6 +119,10 @@ def item_image_paths(conn: duckdb.DuckDBPyConnection, ws: Workspace, items: Inde
     return paths
 
 
+class NoImagesError(RuntimeError):
+    """A model that trains on pixels was asked to run on a dataset without any image."""
+
+
 def thumbnail_loader(paths: list[Path | None], size: int = 256) -> Callable[[torch.Tensor], torch.Tensor]:
     """``(item_idx) -> uint8 [b, 3, size, size]``; a grey image where an item has no valid image."""
     from PIL import Image
@@ -165,7 +169,16 @@ def build_inputs(
     if "triples_guided" in needs:
         inputs.extra["triples_guided"] = load_guided_triples(ws, data.items)
     if "images" in needs:
-        inputs.images = thumbnail_loader(item_image_paths(conn, ws, data.items))
+        paths = item_image_paths(conn, ws, data.items)
+        if data.n_items and not any(p is not None for p in paths):
+            # training a CNN on grey placeholders only would run for hours and learn nothing
+            raise NoImagesError(
+                f"this model trains on item images, and none of the {data.n_items} items has an ok image in "
+                f"item_images (dataset {ws.dataset_dir}: no images/ folder, or every image failed). Add images/ "
+                "to the dataset folder, or set item_images' source to commons (titles in items.csv), and "
+                "materialize item_images again; or leave this model out of the run."
+            )
+        inputs.images = thumbnail_loader(paths)
     inputs.creators = item_creators(conn, data.items)
     inputs.clusters = item_clusters(conn, data.items)
     return inputs
