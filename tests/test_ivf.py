@@ -71,3 +71,16 @@ def test_short_lists_take_more_probes_and_bad_arguments_fail():
         ivf_top_k_neighbours(F, 0)
     with pytest.raises(ValueError, match="list_size"):
         ivf_top_k_neighbours(F, 5, list_size=0)
+
+
+def test_items_without_features_are_spread_over_the_lists():
+    # 1500 zero rows (items without an image) among 1000 clustered ones, spread over the lists (a matter of
+    # cost): the featured rows keep their recall, and a zero row's neighbours all have similarity 0
+    F = torch.cat([clustered(1000), torch.zeros(1500, 64)])[torch.randperm(2500, generator=torch.Generator().manual_seed(0))]
+    blank = (F == 0).all(1)
+    items, sims = ivf_top_k_neighbours(F, 20, list_size=50, n_probe=4)
+    assert (sims[blank] == 0).all()
+    _, exact = top_k_neighbours(F, 20)
+    found = (sims[~blank] >= exact[~blank][:, -1:] - 1e-5).sum(1).clamp(max=20)
+    assert found.float().mean() / 20 >= 0.99
+    assert ivf_top_k_neighbours(torch.zeros(0, 4), 3)[0].shape == (0, 0)

@@ -7,9 +7,14 @@ lists whose centroids are nearest to that list's centroid (its own first; more l
 fewer than ``k`` items), keeping each query's ``k`` best. The cost is
 
 - search: ``n x n_probe x list_size x d``, linear in items at fixed ``n_probe`` and ``list_size``;
-- assignment of every item to its list: ``n x n_lists x d = n^2 d / list_size``, below the search
-  while ``n < n_probe x list_size^2`` (about 520k items at the defaults 8 x 256);
-- k-means: ``sample x n_lists x d x iters`` with ``sample = min(n, 32 x n_lists)``.
+- assignment of every item to its list: ``n x n_lists x d = n^2 d / list_size``;
+- k-means: ``sample x n_lists x d x iters`` with ``sample = min(n, 32 x n_lists)``, i.e.
+  ``n^2 d x 32 iters / list_size^2`` (``n^2 d / 256`` at 8 rounds of lists of 256).
+
+The last two are quadratic but 1/256 of the exact search's ``n^2 d`` each at the defaults, and below
+the search up to ~250k items (measured at 100k x 2048-d, one CPU thread: k-means 1.5 s, assignment
+1.4 s, search ~5 s; exact ~370 s). Far beyond that, raise ``list_size`` (``n_lists ~ sqrt(n)``
+balances the terms).
 
 Similarities found are exact dot products (the table holds true cosines), so an item may only be
 *missing* from a row, never over-scored. Every block is bounded by ``max_block_elements`` similarities,
@@ -51,9 +56,15 @@ def ivf_top_k_neighbours(
     F = features.float()
     n = F.shape[0]
     k = min(k, n)
+    if n == 0:
+        return torch.empty((0, 0), dtype=torch.int32, device=F.device), torch.empty((0, 0), device=F.device)
     n_lists = max(1, min(n, round(n / list_size)))
     centroids = coarse_centroids(F, n_lists, seed=seed, iters=kmeans_iters, max_block_elements=max_block_elements)
     labels = nearest_centroid(F, centroids, max_block_elements)
+    # items without features (zero rows) are as similar to one list as to any other: spread them over the
+    # lists, so that a catalogue with many of them does not pile them into one list searched quadratically
+    blank = (F == 0).all(1).nonzero().flatten()
+    labels[blank] = torch.arange(blank.shape[0], device=F.device) % n_lists
     order = torch.argsort(labels, stable=True)  # item ids grouped by list
     grouped = F[order]  # one copy in list order: every list is then a contiguous view, no gathers per list
     sizes = torch.bincount(labels, minlength=n_lists)
@@ -91,11 +102,14 @@ def ivf_top_k_neighbours(
 def coarse_centroids(
     F: torch.Tensor, n_lists: int, *, seed: int, iters: int, max_block_elements: int = 1 << 25
 ) -> torch.Tensor:
-    """``[n_lists, d]`` unit centroids: spherical k-means on a seeded sample of the rows, started at
-    ``n_lists`` distinct sampled rows; a list left empty by a round keeps its previous centroid."""
-    n = F.shape[0]
+    """``[n_lists, d]`` unit centroids: spherical k-means on a seeded sample of the non-zero rows (of all rows
+    when fewer than ``n_lists`` are non-zero), started at ``n_lists`` distinct sampled rows; a list left
+    empty by a round keeps its previous centroid."""
+    rows = (F != 0).any(1).nonzero().flatten().cpu()
+    if rows.shape[0] < n_lists:
+        rows = torch.arange(F.shape[0])
     gen = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(n, generator=gen)[: min(n, max(n_lists, KMEANS_SAMPLE_PER_LIST * n_lists))]
+    picked = rows[torch.randperm(rows.shape[0], generator=gen)[: max(n_lists, KMEANS_SAMPLE_PER_LIST * n_lists)]]
     sample = F[picked.to(F.device)]
     centroids = torch.nn.functional.normalize(sample[:n_lists], dim=1)
     for _ in range(iters):
