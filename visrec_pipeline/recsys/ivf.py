@@ -17,8 +17,9 @@ the search up to ~250k items (measured at 100k x 2048-d, one CPU thread: k-means
 balances the terms).
 
 Similarities found are exact dot products (the table holds true cosines), so an item may only be
-*missing* from a row, never over-scored. Every block is bounded by ``max_block_elements`` similarities,
-and it all runs on the device the features are on. Probing every list is the exact search.
+*missing* from a row, never over-scored. Memory: one copy of the features in list order (so every list
+is a contiguous view) and blocks bounded by ``max_block_elements`` similarities; it all runs on the
+device the features are on. Probing every list is the exact search.
 
 :func:`neighbour_recall` measures a table against the exact search on a seeded sample of query rows
 (``queries x n x d``, cheap): the share of each sampled row's exact top-k similarities the table reaches.
