@@ -72,10 +72,11 @@ class VisRankConfig:
     exact_max_items: int = 8192  # auto: exact up to this many catalogue items, neighbours above
     neighbour_search: str = "auto"  # "auto" | "exact" | "ivf": how the neighbour table is found (module doc)
     # auto: exact search up to this many items, IVF above. The exact search costs items^2 x dim: at 2048-d
-    # on one CPU thread ~4.4 s for 10k items, ~12 s at this bound, ~7 CPU-min at 100k (IVF: ~2.2 s at 10k)
+    # on one CPU thread ~4 s for 10k items, ~11 s at this bound (still cheap, and exact), 359 s at 100k
     exact_search_max_items: int = 16384
-    # IVF defaults measured on the scale benchmark's resnet50 features (bench/scale.py, 2048-d): 256 x 8
-    # gave recall@200 0.994 at 10k items; see docs/DESIGN.md for the figures at 100k
+    # IVF defaults measured on the scale benchmark's resnet50 features (bench/scale.py, 2048-d, 1 CPU
+    # thread), recall@200: 256 x 8 0.994 at 10k items (1.7 s), 1.000 at 100k (8.0 s); 256 x 4 0.987 and
+    # 0.999 at about the same cost at 100k; lists of 128 x 8: 0.979 at 10k and 2x the time at 100k
     ivf_list_size: int = 256  # items per inverted list (n_lists = n_items / ivf_list_size)
     ivf_probe: int = 8  # lists each list's items search (their own and the nearest by centroid)
     recall_queries: int = 256  # sampled items whose exact top-k measures the IVF table's recall
