@@ -225,3 +225,35 @@ def test_neighbour_table_round_trips_through_the_checkpoint_state():
     assert mean.fit(syn.data, syn.inputs()).notes["scoring"] == "exact"
     with pytest.raises(ValueError, match="agg"):
         neighbour_scores(batch.profile_items, batch.profile_mask, state["neighbour_items"], state["neighbour_sims"], agg="mean")
+
+
+def test_ivf_neighbour_search_keeps_the_planted_taste_and_reports_its_recall():
+    syn = planted_dataset(200, 600, seed=0)
+    cfg = dict(scoring="neighbours", neighbours_k=50, device="cpu")
+    exact = VisRank(VisRankConfig(neighbour_search="exact", **cfg))
+    ivf = VisRank(VisRankConfig(neighbour_search="ivf", ivf_list_size=30, ivf_probe=3, **cfg))
+    notes = {m.config.neighbour_search: m.fit(syn.data, syn.inputs()).notes for m in (exact, ivf)}
+    assert notes["exact"]["neighbour_search"] == "exact" and "neighbour_recall" not in notes["exact"]
+    assert notes["ivf"]["neighbour_search"] == "ivf" and notes["ivf"]["recall_queries"] == 256
+    assert 0.95 <= notes["ivf"]["neighbour_recall"] <= 1.0, notes["ivf"]
+    # each item's nearest neighbours (itself aside) are items of its own planted cluster
+    nearest = ivf.neighbours[0][:, 1:6].long().numpy()
+    assert (syn.clusters[nearest] == syn.clusters[:, None]).mean() > 0.95
+    aucs = {name: evaluate(m.score, syn.data.holdout, syn.data.n_items, ks=()).means["auc"] for name, m in (("exact", exact), ("ivf", ivf))}
+    assert aucs["ivf"] > 0.8 and abs(aucs["ivf"] - aucs["exact"]) < 0.02, aucs
+    # the IVF table goes through the checkpoint like the exact one
+    again = VisRank(VisRankConfig(neighbour_search="ivf", ivf_list_size=30, ivf_probe=3, **cfg))
+    again.attach_inputs(syn.data, syn.inputs())
+    again.load_state_dict(ivf.state_dict())
+    items, mask = syn.data.train.padded()
+    batch = ScoreBatch(torch.arange(syn.data.n_users), items, mask)
+    assert torch.equal(again.score(batch), ivf.score(batch))
+    # auto: exact search up to exact_search_max_items, IVF above
+    small = VisRank(VisRankConfig(**cfg))
+    large = VisRank(VisRankConfig(exact_search_max_items=599, ivf_list_size=30, **cfg))
+    assert small.fit(syn.data, syn.inputs()).notes["neighbour_search"] == "exact"
+    assert large.fit(syn.data, syn.inputs()).notes["neighbour_search"] == "ivf"
+    with pytest.raises(ValueError, match="neighbour_search"):
+        VisRank(VisRankConfig(neighbour_search="hnsw"))
+    with pytest.raises(ValueError, match="ivf_probe"):
+        VisRank(VisRankConfig(ivf_probe=0))

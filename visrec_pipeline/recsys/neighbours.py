@@ -3,7 +3,9 @@
 :func:`top_k_neighbours` is an exact blocked search: a block of query rows is multiplied by
 the whole (L2-normalised) feature matrix in float32 and its ``k`` largest similarities kept;
 the block has at most ``max_block_elements`` similarities, so memory stays bounded whatever
-the catalogue size. It runs on whatever device the features are on (GPU when present).
+the catalogue size. It runs on whatever device the features are on (GPU when present). Its cost
+is items^2 x dim; :mod:`visrec_pipeline.recsys.ivf` builds the same table approximately at a cost
+linear in items.
 
 :func:`neighbour_scores` turns a batch of profiles into ``[b, n_items]`` scores from the
 table alone: each profile item ``j`` contributes its ``k`` neighbours with their similarities,
@@ -17,6 +19,10 @@ With smaller ``k`` an item outside the ``k`` neighbours of every profile item ge
 (each of them at most that profile item's ``k``-th neighbour similarity). So for ``max``,
 with ``T_u`` the largest ``k``-th neighbour similarity over the profile, every item scoring
 above ``T_u`` has its exact score, and these items lead the ranking in the exact order.
+These statements hold relative to the table given: from an exact search, "exact" means brute
+force's. From an approximate (IVF) one, a true neighbour the search missed counts as not listed:
+scores are still never above brute force's (the table holds true similarities), but a leading
+item's score, and so its place, is exact only if no profile item's missed neighbour was it.
 """
 
 from __future__ import annotations
@@ -27,20 +33,22 @@ UNREACHED = -2.0  # below any cosine: items no profile item lists among its neig
 
 
 def top_k_neighbours(
-    features: torch.Tensor, k: int, *, max_block_elements: int = 1 << 25
+    features: torch.Tensor, k: int, *, queries: torch.Tensor | None = None, max_block_elements: int = 1 << 25
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(items int32 [n, k'], sims float32 [n, k'])``, ``k' = min(k, n)``: each row's ``k'`` most similar
-    rows of ``features`` (itself included) by dot product, most similar first, ties by the lower index."""
+    """``(items int32 [q, k'], sims float32 [q, k'])``, ``k' = min(k, n)``: for each query row (all ``n`` rows
+    of ``features``, or the row indices ``queries``), its ``k'`` most similar rows of ``features`` (itself
+    included) by dot product, most similar first, ties by the lower index."""
     if k < 1:
         raise ValueError(f"top_k_neighbours: k must be >= 1, got {k}")
     F = features.float()
     n = F.shape[0]
     k = min(k, n)
-    items = torch.empty((n, k), dtype=torch.int32, device=F.device)
-    sims = torch.empty((n, k), dtype=torch.float32, device=F.device)
+    rows = torch.arange(n, device=F.device) if queries is None else queries.to(F.device)
+    items = torch.empty((rows.shape[0], k), dtype=torch.int32, device=F.device)
+    sims = torch.empty((rows.shape[0], k), dtype=torch.float32, device=F.device)
     step = max(1, max_block_elements // max(n, 1))
-    for start in range(0, n, step):
-        block = F[start : start + step] @ F.T
+    for start in range(0, rows.shape[0], step):
+        block = F[rows[start : start + step]] @ F.T
         # a stable descending sort gives ties the lower index; topk does not promise an order among ties
         if k == n:
             vals, idx = torch.sort(block, dim=1, descending=True, stable=True)

@@ -12,14 +12,22 @@ runs over items.
 **Neighbour scoring** (``scoring``): the exact path above costs profile length x catalogue x
 feature dimension per user. For a large catalogue (``auto``: more than ``exact_max_items``
 items; or ``scoring="neighbours"``) ``fit`` precomputes each item's ``neighbours_k`` most
-similar items (:mod:`visrec_pipeline.recsys.neighbours`: an exact blocked search in float32,
-on the GPU when the device is one), and ``max`` / ``topk_mean`` are taken over the
-similarities those lists hold: the cost per user is profile length x ``neighbours_k``. With
-``neighbours_k >= n_items`` the scores equal the exact path; with fewer, an item no profile
-item lists scores ``neighbours.UNREACHED`` (-2, below any cosine) and an item listed by some
-profile items only misses the others' similarities, each at most that profile item's k-th
-neighbour similarity; so under ``max`` every item above the profile's largest k-th neighbour
-similarity keeps its exact score and the top of the ranking is exactly brute force's.
+similar items, and ``max`` / ``topk_mean`` are taken over the similarities those lists hold: the
+cost per user is profile length x ``neighbours_k``. With ``neighbours_k >= n_items`` the scores
+equal the exact path; with fewer, an item no profile item lists scores ``neighbours.UNREACHED``
+(-2, below any cosine) and an item listed by some profile items only misses the others'
+similarities, each at most that profile item's k-th neighbour similarity; so under ``max`` every
+item above the profile's largest k-th neighbour similarity keeps its exact score, and the top of
+the ranking is brute force's *relative to the table found*.
+
+**Neighbour search** (``neighbour_search``): ``exact`` (:mod:`visrec_pipeline.recsys.neighbours`, a
+blocked search in float32, items^2 x dim) finds each item's true top ``neighbours_k``; ``ivf``
+(:mod:`visrec_pipeline.recsys.ivf`, an inverted-file search probing ``ivf_probe`` lists of about
+``ivf_list_size`` items, cost linear in items) may miss some of them (never invents a similarity:
+a missed neighbour only lowers or unreaches that item's score, like a smaller ``k``). ``auto``
+searches exactly up to ``exact_search_max_items`` items and by IVF above. Both run on the GPU
+when the device is one. ``fit`` records in ``history.notes`` which search ran and, for IVF, its
+recall@k measured against the exact search on ``recall_queries`` sampled items.
 ``mean`` is always exact (one product with the mean profile vector). The neighbour table is
 part of the checkpoint (``[n_items, k]`` indices and similarities), so evaluation does not
 search again.
@@ -41,11 +49,13 @@ from visrec_pipeline.devices import resolve_device
 from visrec_pipeline.recsys.base import FitInputs, Recommender, ScoreBatch, TrainHistory
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
+from visrec_pipeline.recsys.ivf import ivf_top_k_neighbours, neighbour_recall
 from visrec_pipeline.recsys.neighbours import neighbour_scores, top_k_neighbours
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
 
 AGGREGATIONS = ("max", "mean", "topk_mean")
 SCORINGS = ("auto", "exact", "neighbours")
+NEIGHBOUR_SEARCHES = ("auto", "exact", "ivf")
 
 
 @dataclass
@@ -60,7 +70,17 @@ class VisRankConfig:
     scoring: str = "auto"  # "auto" | "exact" | "neighbours" (see the module doc)
     neighbours_k: int = 200  # neighbours kept per item for scoring="neighbours"
     exact_max_items: int = 8192  # auto: exact up to this many catalogue items, neighbours above
-    seed: int = 0  # unused (deterministic); every model config carries one
+    neighbour_search: str = "auto"  # "auto" | "exact" | "ivf": how the neighbour table is found (module doc)
+    # auto: exact search up to this many items, IVF above. The exact search costs items^2 x dim: at 2048-d
+    # on one CPU thread ~4 s for 10k items, ~11 s at this bound (still cheap, and exact), 359 s at 100k
+    exact_search_max_items: int = 16384
+    # IVF defaults measured on the scale benchmark's resnet50 features (bench/scale.py, 2048-d, 1 CPU
+    # thread), recall@200: 256 x 8 0.994 at 10k items (1.7 s), 1.000 at 100k (8.0 s); 256 x 4 0.987 and
+    # 0.999 at about the same cost at 100k; lists of 128 x 8: 0.979 at 10k and 2x the time at 100k
+    ivf_list_size: int = 256  # items per inverted list (n_lists = n_items / ivf_list_size)
+    ivf_probe: int = 8  # lists each list's items search (their own and the nearest by centroid)
+    recall_queries: int = 256  # sampled items whose exact top-k measures the IVF table's recall
+    seed: int = 0  # the IVF search's k-means sample and start (the exact paths are deterministic)
     device: str = "auto"
 
 
@@ -77,6 +97,13 @@ class VisRank(Recommender):
             raise ValueError(f"VisRankConfig.scoring must be one of {SCORINGS}, got {self.config.scoring!r}")
         if self.config.neighbours_k < 1:
             raise ValueError(f"VisRankConfig.neighbours_k must be >= 1, got {self.config.neighbours_k}")
+        if self.config.neighbour_search not in NEIGHBOUR_SEARCHES:
+            raise ValueError(
+                f"VisRankConfig.neighbour_search must be one of {NEIGHBOUR_SEARCHES}, got {self.config.neighbour_search!r}"
+            )
+        for name in ("ivf_list_size", "ivf_probe", "recall_queries"):
+            if getattr(self.config, name) < 1:
+                raise ValueError(f"VisRankConfig.{name} must be >= 1, got {getattr(self.config, name)}")
         self.features: torch.Tensor | None = None  # L2-normalised [n_items, d]
         self.has_features: torch.Tensor | None = None
         self.neighbours: tuple[torch.Tensor, torch.Tensor] | None = None  # (items int32, sims) [n_items, k]
@@ -94,24 +121,51 @@ class VisRank(Recommender):
             return False
         return c.scoring == "neighbours" or self.features.shape[0] > c.exact_max_items
 
-    def _build_neighbours(self) -> None:
-        device = resolve_device(self.config.device)
-        items, sims = top_k_neighbours(
-            self.features.to(device), self.config.neighbours_k, max_block_elements=self.config.max_block_elements
-        )
+    def neighbour_search(self) -> str:
+        """``exact`` or ``ivf``: the search that builds the neighbour table for this catalogue."""
+        c = self.config
+        if c.neighbour_search != "auto":
+            return c.neighbour_search
+        return "ivf" if self.features.shape[0] > c.exact_search_max_items else "exact"
+
+    def _build_neighbours(self) -> dict:
+        """Builds the table; returns notes: the search that ran and, for IVF, its measured recall@k."""
+        c = self.config
+        device = resolve_device(c.device)
+        F = self.features.to(device)
+        search = self.neighbour_search()
+        if search == "exact":
+            items, sims = top_k_neighbours(F, c.neighbours_k, max_block_elements=c.max_block_elements)
+            notes = {"neighbour_search": "exact"}
+        else:
+            items, sims = ivf_top_k_neighbours(
+                F, c.neighbours_k, list_size=c.ivf_list_size, n_probe=c.ivf_probe, seed=c.seed,
+                max_block_elements=c.max_block_elements,
+            )
+            recall = neighbour_recall(
+                F, sims, n_queries=c.recall_queries, seed=c.seed, max_block_elements=c.max_block_elements
+            )
+            notes = {
+                "neighbour_search": "ivf", "ivf_list_size": c.ivf_list_size, "ivf_probe": c.ivf_probe,
+                "neighbour_recall": round(recall, 4), "recall_queries": min(c.recall_queries, F.shape[0]),
+            }
         self.neighbours = (items.cpu(), sims.cpu())
+        return notes
 
     def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
         self.attach_inputs(data, inputs)
         notes = {"trained": False, "items_with_features": int(self.has_features.sum())}
         self.neighbours = None
         if self.uses_neighbours():
-            self._build_neighbours()
+            notes.update(self._build_neighbours())
             notes["scoring"] = "neighbours"
             notes["neighbours_k"] = int(self.neighbours[0].shape[1])
         else:
             notes["scoring"] = "exact"
-        self.log.info("VisRank agg=%s scoring=%s", self.config.agg, notes["scoring"])
+        self.log.info(
+            "VisRank agg=%s scoring=%s search=%s recall=%s", self.config.agg, notes["scoring"],
+            notes.get("neighbour_search"), notes.get("neighbour_recall"),
+        )
         return TrainHistory(notes=notes)
 
     def score(self, batch: ScoreBatch) -> torch.Tensor:
