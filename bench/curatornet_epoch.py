@@ -1,5 +1,6 @@
-"""CuratorNet at scale: one training epoch (random triples, guideline triples) and the guided sampler,
-on synthetic power-law data, each run in its own process; wall time, CPU time and peak RSS.
+"""CuratorNet at scale: one training epoch (random triples, shuffled or in batches of whole users;
+guideline triples) and the guided sampler, on synthetic power-law data, each run in its own process;
+wall time, CPU time and peak RSS.
 
     uv run --frozen --no-sync python bench/curatornet_epoch.py [--sizes 100000,1000000 --dim 256]
     uv run --frozen --no-sync python bench/curatornet_epoch.py --uncapped   # the caps off, for comparison
@@ -66,9 +67,10 @@ def run_one(n: int, dim: int, mode: str, uncapped: bool) -> dict:
         out["triples"] = len(triples)
         out["profile_entries"] = int(triples.profiles.nnz)
         inputs.extra["triples_guided"] = triples
-    if mode in ("random", "guided"):
+    if mode in ("random", "random_by_user", "guided"):
         config = CuratorNetConfig(
             sampler="guided" if mode == "guided" else "random",
+            random_batches_by_user=mode == "random_by_user",
             train={"epochs": 1, "batch_size": 1024, "seed": 0, "device": "cpu"},
             train_profile_items=0 if uncapped else CuratorNetConfig().train_profile_items,
         )
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--modes", default="sampler,random,guided")
+    parser.add_argument("--modes", default="sampler,random,random_by_user,guided")
     parser.add_argument("--uncapped", action="store_true", help="candidates_per_artist and train_profile_items off")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)

@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict] = {
         }
     },
     "random": {"sampler": "random"},
+    "random_by_user": {"sampler": "random", "random_batches_by_user": True},  # batches of whole users
 }
 
 

@@ -299,3 +299,92 @@ def test_random_ablation_profiles_are_capped_in_training(syn):
     assert notes["profiles_cut"] == int((syn.data.train.lengths() > 3).sum()) > 0
     with pytest.raises(ValueError, match="train_profile_items"):
         CuratorNetConfig(train_profile_items=-1)
+
+
+def test_packed_batch_bounds_keep_groups_whole_and_split_only_groups_larger_than_a_batch():
+    from visrec_pipeline.recsys.models.curatornet import packed_batch_bounds
+
+    # groups of 3, 2, 15, 2, 8 rows in batches of 8: the 15 fills two batches, its first one whole
+    np.testing.assert_array_equal(packed_batch_bounds(np.array([0, 3, 5, 20, 22]), 30, 8), [0, 5, 13, 20, 22, 30])
+    rng = np.random.default_rng(0)
+    for batch_size in (1, 5, 16):
+        sizes = rng.integers(1, 40, 60)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]]
+        bounds = packed_batch_bounds(starts, int(sizes.sum()), batch_size)
+        assert bounds[0] == 0 and bounds[-1] == sizes.sum() and np.all(np.diff(bounds) >= 1)
+        assert np.diff(bounds).max() <= batch_size
+        group = np.repeat(np.arange(sizes.size), sizes)
+        batch = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
+        batches_per_group = np.array([np.unique(batch[group == g]).size for g in range(sizes.size)])
+        np.testing.assert_array_equal(batches_per_group, -(-sizes // batch_size))  # as few as possible
+    with pytest.raises(ValueError, match="batch_size"):
+        packed_batch_bounds(np.array([0]), 3, 0)
+
+
+def _user_batches(syn, batch_size):
+    from visrec_pipeline.recsys.models.curatornet import RandomProfileBatches
+    from visrec_pipeline.recsys.samplers import RandomTripleSampler
+
+    sampler = RandomTripleSampler(syn.data.train, batch_size=batch_size, seed=5)
+    return RandomProfileBatches(syn.data.train, sampler, mask_positive=True, device="cpu", by_user=True), sampler
+
+
+def test_random_batches_by_user_cover_the_epoch_once_with_each_user_in_as_few_batches_as_possible(syn):
+    batch_size = 16  # below the heaviest users' counts: some users are split
+    source, sampler = _user_batches(syn, batch_size)
+    order, bounds, triples = source.user_order(0)
+    np.testing.assert_array_equal(np.sort(order), np.arange(sampler.triples_per_epoch))  # each triple once
+    sampled = sampler.sample_epoch(0)
+    np.testing.assert_array_equal(triples["user"], sampled["user"].numpy())
+    batches = list(source.epoch(0))
+    assert len(batches) == bounds.size - 1
+    for k in ("pos", "neg"):
+        np.testing.assert_array_equal(torch.cat([b[k] for b in batches]).numpy(), triples[k][order])
+    user = triples["user"][order]
+    batch_of = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
+    counts = np.bincount(user, minlength=syn.data.n_users)
+    spans = np.array([np.unique(batch_of[user == u]).size for u in range(syn.data.n_users)])
+    np.testing.assert_array_equal(spans, -(-counts // batch_size))
+    assert (counts > batch_size).any() and (spans > 1).any()  # the split path ran
+    # one profile per distinct user of a batch, as in the shuffled batches
+    assert [b["profile_offsets"].shape[0] - 1 for b in batches] == [
+        np.unique(user[s:e]).size for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    # the order of users is drawn afresh each epoch, deterministically
+    def user_sequence(e):
+        o, _, t = source.user_order(e)
+        u = t["user"][o]
+        return u[np.r_[True, u[1:] != u[:-1]]]
+
+    assert np.unique(user_sequence(0)).size == user_sequence(0).size  # each user's triples are contiguous
+    np.testing.assert_array_equal(user_sequence(0), user_sequence(0))
+    assert not np.array_equal(user_sequence(0), user_sequence(1))
+
+
+def test_random_batches_by_user_give_the_loss_of_explicit_per_triple_profiles(syn):
+    torch.manual_seed(0)
+    features = torch.as_tensor(syn.features, dtype=torch.float32)
+    module = CuratorNetModule(features.shape[1], (32, 32), (48, 32), features / features.norm(dim=1, keepdim=True))
+    source, sampler = _user_batches(syn, 64)
+    order, _, triples = source.user_order(0)
+    with torch.no_grad():
+        total = sum(float(module.loss(b)) * b["pos"].shape[0] for b in source.epoch(0))
+        user, pos, neg = (triples[k][order] for k in ("user", "pos", "neg"))
+        lists = [[i for i in syn.data.train.row(int(u)).tolist() if i != int(p)] for u, p in zip(user, pos)]
+        explicit = CSR.from_lists(lists, syn.data.n_items)
+        ref = module.loss({
+            "profile_items": torch.as_tensor(explicit.indices),
+            "profile_offsets": torch.as_tensor(explicit.indptr),
+            "triple_profile": torch.arange(len(lists)),
+            "pos": torch.as_tensor(pos),
+            "neg": torch.as_tensor(neg),
+        })
+    assert total / len(lists) == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_random_ablation_learns_with_batches_by_user(syn):
+    model = CuratorNetRandom(_small(CuratorNetRandomConfig, random_batches_by_user=True))
+    history = model.fit(syn.data, syn.inputs())
+    assert history.notes["sampler"]["batches_by_user"] is True
+    assert history.loss[-1] < history.loss[0]
+    assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
