@@ -67,10 +67,13 @@ def run_one(n: int, dim: int, mode: str, uncapped: bool) -> dict:
         out["triples"] = len(triples)
         out["profile_entries"] = int(triples.profiles.nnz)
         inputs.extra["triples_guided"] = triples
-    if mode in ("random", "random_by_user", "guided"):
+    if mode in ("random", "random_by_user", "guided") or mode.startswith("random_chunk"):
+        # random: the plain shuffle (chunks of 1); random_chunkN: chunks of N triples of one user
+        chunk = int(mode.removeprefix("random_chunk")) if mode.startswith("random_chunk") else 1
         config = CuratorNetConfig(
             sampler="guided" if mode == "guided" else "random",
             random_batches_by_user=mode == "random_by_user",
+            random_user_chunk=chunk,
             train={"epochs": 1, "batch_size": 1024, "seed": 0, "device": "cpu"},
             train_profile_items=0 if uncapped else CuratorNetConfig().train_profile_items,
         )
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--modes", default="sampler,random,random_by_user,guided")
+    parser.add_argument("--modes", default="sampler,random,random_chunk4,random_by_user,guided")
     parser.add_argument("--uncapped", action="store_true", help="candidates_per_artist and train_profile_items off")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)

@@ -30,7 +30,12 @@ VARIANTS: dict[str, dict] = {
             "single_profiles_per_user": 6,
         }
     },
-    "random": {"sampler": "random"},
+    "random": {"sampler": "random"},  # the default: chunks of random_user_chunk (4) triples of one user
+    "random_chunk8": {"sampler": "random", "random_user_chunk": 8},
+    "random_shuffle": {"sampler": "random", "random_user_chunk": 1},  # every triple alone
+    "random_chunk2": {"sampler": "random", "random_user_chunk": 2},
+    "random_chunk4": {"sampler": "random", "random_user_chunk": 4},
+    "random_chunk16": {"sampler": "random", "random_user_chunk": 16},
     "random_by_user": {"sampler": "random", "random_batches_by_user": True},  # batches of whole users
 }
 

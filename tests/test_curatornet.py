@@ -388,3 +388,44 @@ def test_random_ablation_learns_with_batches_by_user(syn):
     assert history.notes["sampler"]["batches_by_user"] is True
     assert history.loss[-1] < history.loss[0]
     assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
+
+
+def test_random_batches_of_user_chunks_cover_the_epoch_once_and_bound_the_profiles_per_batch(syn):
+    from visrec_pipeline.recsys.models.curatornet import RandomProfileBatches
+    from visrec_pipeline.recsys.samplers import RandomTripleSampler
+
+    batch_size, chunk = 32, 4
+    sampler = RandomTripleSampler(syn.data.train, batch_size=batch_size, seed=5)
+    source = RandomProfileBatches(syn.data.train, sampler, mask_positive=True, device="cpu", user_chunk=chunk)
+    order, bounds, triples = source.chunk_order(0)
+    np.testing.assert_array_equal(np.sort(order), np.arange(sampler.triples_per_epoch))  # each triple once
+    user = triples["user"][order]
+    # runs of one user are chunks of at most `chunk` triples (two chunks of a user may meet by chance)
+    run_starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    runs = np.diff(np.r_[run_starts, user.size])
+    assert runs.max() <= 2 * chunk and np.median(runs) <= chunk
+    batches = list(source.epoch(0))
+    assert all(b["pos"].shape[0] == batch_size for b in batches[:-1])
+    profiles = [b["profile_offsets"].shape[0] - 1 for b in batches]
+    # chunks (partial ones included: a user's last chunk, light users) bound the profiles a batch pools
+    chunks_per_batch = [np.unique(user[s:e][np.r_[True, user[s:e][1:] != user[s:e][:-1]]]).size
+                        for s, e in zip(bounds[:-1], bounds[1:])]
+    assert profiles == chunks_per_batch or all(p <= c for p, c in zip(profiles, chunks_per_batch))
+    assert max(profiles) <= batch_size // 2  # not ~batch_size
+    plain = [b["profile_offsets"].shape[0] - 1 for b in RandomProfileBatches(
+        syn.data.train, sampler, mask_positive=True, device="cpu", user_chunk=1).epoch(0)]
+    assert np.mean(profiles) < np.mean(plain) / 2
+    # a fresh, deterministic order each epoch
+    np.testing.assert_array_equal(source.chunk_order(1)[0], source.chunk_order(1)[0])
+    assert not np.array_equal(source.chunk_order(0)[0], source.chunk_order(1)[0])
+
+
+def test_random_ablation_learns_with_user_chunks_the_default(syn):
+    assert CuratorNetRandomConfig().random_user_chunk == 4
+    model = CuratorNetRandom(_small(CuratorNetRandomConfig))
+    history = model.fit(syn.data, syn.inputs())
+    assert history.notes["sampler"]["user_chunk"] == 4
+    assert history.loss[-1] < history.loss[0]
+    assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
+    with pytest.raises(ValueError, match="random_user_chunk"):
+        CuratorNetRandomConfig(random_user_chunk=0)

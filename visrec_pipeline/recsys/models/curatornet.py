@@ -77,6 +77,12 @@ class CuratorNetConfig(TripleTrainedConfig):
     # epoch: 100k 43 -> 5.4, 300k 205 -> 14.6; exponent 1.41 -> 0.89). Off by default: a batch of a few
     # users' correlated triples trains worse, demo test AUC at 6 epochs, seeds 0-2, .742 against .789.
     random_batches_by_user: bool = False
+    # random sampler only: batches made of chunks of up to this many triples of one user (chunks in a seeded
+    # random order), so a batch pools about batch_size / chunk profiles instead of ~batch_size: an epoch costs
+    # triples x capped profile length / chunk whatever the number of users (linear), while a batch still
+    # mixes batch_size / chunk users. 1: each triple alone (the plain shuffle's cost). Ignored with
+    # random_batches_by_user. Measured in docs/curatornet_guided.md.
+    random_user_chunk: int = 4
     # "standard": z-score each feature dimension over the items with features (SELU's self-normalisation
     # assumes zero-mean, unit-variance inputs); "l2": unit rows; "none": raw features
     feature_scale: str = "standard"
@@ -105,6 +111,8 @@ class CuratorNetConfig(TripleTrainedConfig):
             raise ValueError(
                 f"CuratorNetConfig.feature_scale must be standard|l2|none, got {self.feature_scale!r}"
             )
+        if self.random_user_chunk < 1:
+            raise ValueError(f"CuratorNetConfig.random_user_chunk must be >= 1, got {self.random_user_chunk}")
         if self.train_profile_items < 0:
             raise ValueError(f"CuratorNetConfig.train_profile_items must be >= 0, got {self.train_profile_items}")
         if self.sampler not in ("guided", "random"):
@@ -289,12 +297,15 @@ class RandomProfileBatches:
     distinct users and an epoch costs ~triples x profile length.
     """
 
-    def __init__(self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device, by_user=False):
+    def __init__(
+        self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device, by_user=False, user_chunk=1
+    ):
         self.train = train
         self.sampler = sampler
         self.mask_positive = mask_positive
         self.device = device
         self.by_user = bool(by_user)
+        self.user_chunk = int(user_chunk)
 
     def batch(self, user: np.ndarray, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of triples ``(user[k], pos[k], neg[k])`` with one profile per distinct user."""
@@ -322,12 +333,29 @@ class RandomProfileBatches:
         starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if grouped.size else grouped
         return order, packed_batch_bounds(starts, grouped.size, self.sampler.batch_size), triples
 
+    def chunk_order(self, e: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Epoch ``e``'s triples as chunks of up to ``user_chunk`` triples of one user, the chunks in a seeded
+        random order; same ``(order, bounds, triples)`` as :meth:`user_order`, batches of ``batch_size``."""
+        triples = {k: v.cpu().numpy() for k, v in self.sampler.sample_epoch(e).items()}
+        user = triples["user"]
+        n = user.size
+        order = np.argsort(user, kind="stable")  # stable: the sampler's random order within a user
+        grouped = user[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+        rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+        chunk = np.cumsum(rank % self.user_chunk == 0) - 1  # a new chunk every user_chunk triples of a user
+        seed = np.random.SeedSequence([self.sampler.seed & 0xFFFFFFFF, int(e) & 0xFFFFFFFF, 0xC4C4])
+        shuffled = np.random.default_rng(seed).permutation(int(chunk[-1]) + 1 if n else 0)
+        order = order[np.argsort(shuffled[chunk], kind="stable")]
+        bounds = np.r_[np.arange(0, n, self.sampler.batch_size), n].astype(np.int64)
+        return order, bounds, triples
+
     def epoch(self, e: int):
-        if not self.by_user:
+        if not self.by_user and self.user_chunk <= 1:
             for b in self.sampler.epoch(e):
                 yield self.batch(b["user"].cpu().numpy(), b["pos"], b["neg"])
             return
-        order, bounds, t = self.user_order(e)
+        order, bounds, t = self.user_order(e) if self.by_user else self.chunk_order(e)
         for start, stop in zip(bounds[:-1], bounds[1:]):
             idx = order[start:stop]
             yield self.batch(t["user"][idx], t["pos"][idx], t["neg"][idx])
@@ -441,12 +469,14 @@ class CuratorNet(TripleTrainedModel):
                 mask_positive=cfg.mask_positive_in_profile,
                 device=device,
                 by_user=cfg.random_batches_by_user,
+                user_chunk=cfg.random_user_chunk,
             )
             sampler_notes = {
                 **rs.summary(),
                 "positive_masked_in_profile": cfg.mask_positive_in_profile,
                 "train_profile_items": cfg.train_profile_items,
                 "batches_by_user": cfg.random_batches_by_user,
+                "user_chunk": 0 if cfg.random_batches_by_user else cfg.random_user_chunk,
                 "profiles_cut": int((data.train.lengths() > max(cfg.train_profile_items, 0)).sum())
                 if cfg.train_profile_items
                 else 0,
