@@ -123,3 +123,22 @@ def test_summary_and_bad_arguments():
         RandomTripleSampler(train, batch_size=0)
     with pytest.raises(ValueError, match="no training entry"):
         RandomTripleSampler(CSR.from_lists([[], []], 4))
+
+
+def test_user_chunks_reorder_the_same_triples_into_few_users_per_batch():
+    train = random_csr(n_users=300, n_items=200, seed=3, max_len=60)
+    plain = RandomTripleSampler(train, seed=2, batch_size=64)
+    chunked = RandomTripleSampler(train, seed=2, batch_size=64, user_chunk=4)
+    a, b = plain.sample_epoch(1), chunked.sample_epoch(1)
+    key = lambda t: sorted(zip(t["user"].tolist(), t["pos"].tolist(), t["neg"].tolist()))  # noqa: E731
+    assert key(a) == key(b), "the same triples, only in another order"
+    user = b["user"].numpy()
+    runs = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), user.size])
+    assert np.median(runs) <= 4 and runs.max() <= 8  # chunks of <= 4 (two of a user may meet)
+    distinct = lambda s: np.mean([np.unique(x["user"].numpy()).size for x in s.epoch(1)])  # noqa: E731
+    assert distinct(chunked) < distinct(plain) / 2
+    assert torch.equal(chunked.sample_epoch(1)["user"], b["user"])  # deterministic
+    assert not torch.equal(chunked.sample_epoch(2)["user"], b["user"])
+    assert chunked.summary()["user_chunk"] == 4
+    with pytest.raises(ValueError, match="user_chunk"):
+        RandomTripleSampler(train, user_chunk=0)

@@ -33,8 +33,31 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
+def user_chunk_order(user: np.ndarray, chunk: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of the triples of users ``user`` (in a random order) that lays them out as chunks of
+    up to ``chunk`` triples of one user, the chunks in a seeded random order (per ``seed`` and ``epoch``).
+
+    Why: a model that encodes each distinct user of a batch once (a profile tower, a profile attention)
+    pays per distinct user; a shuffled batch holds ~batch_size distinct users once users are many, so
+    the cost per triple grows with the number of users. In chunks, a batch holds ~batch_size / chunk
+    of them whatever the data size, while still mixing many users."""
+    user = np.asarray(user)
+    n = user.size
+    if chunk <= 1 or n == 0:
+        return np.arange(n)
+    order = np.argsort(user, kind="stable")  # stable: the given random order within a user
+    grouped = user[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    chunk_id = np.cumsum(rank % chunk == 0) - 1  # a new chunk every `chunk` triples of a user
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0xC4C4]))
+    shuffled = rng.permutation(int(chunk_id[-1]) + 1)
+    return order[np.argsort(shuffled[chunk_id], kind="stable")]
+
+
 class RandomTripleSampler:
-    """Uniform BPR triples over a training CSR ``[n_users x n_items]``."""
+    """Uniform BPR triples over a training CSR ``[n_users x n_items]``; with ``user_chunk`` > 1 an
+    epoch's triples come in chunks of that many triples of one user (:func:`user_chunk_order`)."""
 
     def __init__(
         self,
@@ -44,7 +67,11 @@ class RandomTripleSampler:
         device: str | torch.device = "cpu",
         batch_size: int = 1024,
         triples_per_epoch: int | None = None,
+        user_chunk: int = 1,
     ):
+        if user_chunk < 1:
+            raise ValueError(f"user_chunk must be >= 1, got {user_chunk}")
+        self.user_chunk = int(user_chunk)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if triples_per_epoch is not None and triples_per_epoch < 1:
@@ -90,6 +117,9 @@ class RandomTripleSampler:
         order = torch.cat([torch.randperm(self.nnz, generator=g) for _ in range(reps)])[: self.triples_per_epoch]
         users, pos = self._users[order], self._items[order]
         neg = self.sample_negatives(users, g)
+        if self.user_chunk > 1:
+            chunked = torch.from_numpy(user_chunk_order(users.numpy(), self.user_chunk, self.seed, epoch))
+            users, pos, neg = users[chunked], pos[chunked], neg[chunked]
         return {"user": users, "pos": pos, "neg": neg}
 
     def sample_negatives(self, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -125,6 +155,7 @@ class RandomTripleSampler:
             "triples_per_epoch": self.triples_per_epoch,
             "batch_size": self.batch_size,
             "batches_per_epoch": len(self),
+            "user_chunk": self.user_chunk,
             "skipped_users_without_negatives": self.skipped_users,
             "negatives": "uniform over items outside the user's training profile (exact complement sampling)",
         }

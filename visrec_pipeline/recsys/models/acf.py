@@ -34,7 +34,10 @@ in two streaming passes (per-position means, then projection); the PCA is fitted
 ``pca_sample_regions`` regions drawn uniformly over items and positions, of which only those
 regions are read. Only the projected table ``[n_items, R, region_pca_dim]`` float16 stays in RAM.
 An epoch's work is bounded by its triples: each batch attends over the profiles of its own
-distinct users only (at most ``batch_size x max_profile_len`` slots). The checkpoint keeps the
+distinct users only (at most ``batch_size x max_profile_len`` slots), and batches are made of chunks
+of ``user_chunk`` (4) triples of one user, so a batch holds ~batch_size / 4 distinct users however
+many users there are and an epoch is linear in interactions (demo test AUC at 8 epochs, seeds 0-2:
+.877 in chunks against .878 shuffled). The checkpoint keeps the
 weights, the PCA and the reduced region table, and the training-row count; the profile-recency
 lookup is rebuilt from the split by :meth:`ACF.attach_inputs`.
 
@@ -76,6 +79,10 @@ class ACFConfig(TripleTrainedConfig):
     dim: int = 64  # embedding size (u, v, p and the reduced regions)
     attention_dim: int = 64
     max_profile_len: int = 20  # most recent profile items attended to
+    # batches of chunks of up to this many triples of one user (samplers.user_chunk_order): a batch
+    # attends over ~batch_size / user_chunk profiles instead of ~batch_size distinct users, so an epoch's
+    # cost stops growing with the number of users (linear in interactions). 1: plain shuffled triples.
+    user_chunk: int = 4
     # A fixed PCA of the region channels before the learned reduction keeps CPU training cheap
     # (2048 -> 128 keeps nearly all the variance); None applies the learned layer to raw channels.
     region_pca_dim: int | None = 128
@@ -97,6 +104,8 @@ class ACFConfig(TripleTrainedConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.user_chunk < 1:
+            raise ValueError(f"ACFConfig.user_chunk must be >= 1, got {self.user_chunk}")
         if self.dim < 1 or self.attention_dim < 1 or self.max_profile_len < 1:
             raise ValueError("ACFConfig.dim, .attention_dim and .max_profile_len must be >= 1")
         if self.region_pca_dim is not None and self.region_pca_dim < 1:
@@ -385,6 +394,9 @@ class ACF(TripleTrainedModel):
             }
         }
         return module, notes
+
+    def batch_source(self, data: RecData, inputs: FitInputs, device: torch.device):
+        return self.random_triples(data, device, user_chunk=self.config.user_chunk)
 
     def loss_options(self) -> dict:
         cfg = self.config

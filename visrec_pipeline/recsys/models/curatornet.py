@@ -45,7 +45,7 @@ from visrec_pipeline.recsys.guided_sampler import (
 )
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
-from visrec_pipeline.recsys.samplers import RandomTripleSampler
+from visrec_pipeline.recsys.samplers import RandomTripleSampler, user_chunk_order
 from visrec_pipeline.recsys.trainer import TrainConfig
 from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
@@ -335,18 +335,11 @@ class RandomProfileBatches:
 
     def chunk_order(self, e: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Epoch ``e``'s triples as chunks of up to ``user_chunk`` triples of one user, the chunks in a seeded
-        random order; same ``(order, bounds, triples)`` as :meth:`user_order`, batches of ``batch_size``."""
+        random order (:func:`~visrec_pipeline.recsys.samplers.user_chunk_order`); same ``(order, bounds,
+        triples)`` as :meth:`user_order`, batches of ``batch_size``."""
         triples = {k: v.cpu().numpy() for k, v in self.sampler.sample_epoch(e).items()}
-        user = triples["user"]
-        n = user.size
-        order = np.argsort(user, kind="stable")  # stable: the sampler's random order within a user
-        grouped = user[order]
-        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
-        rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-        chunk = np.cumsum(rank % self.user_chunk == 0) - 1  # a new chunk every user_chunk triples of a user
-        seed = np.random.SeedSequence([self.sampler.seed & 0xFFFFFFFF, int(e) & 0xFFFFFFFF, 0xC4C4])
-        shuffled = np.random.default_rng(seed).permutation(int(chunk[-1]) + 1 if n else 0)
-        order = order[np.argsort(shuffled[chunk], kind="stable")]
+        n = triples["user"].size
+        order = user_chunk_order(triples["user"], self.user_chunk, self.sampler.seed, e)
         bounds = np.r_[np.arange(0, n, self.sampler.batch_size), n].astype(np.int64)
         return order, bounds, triples
 
