@@ -107,3 +107,34 @@ def test_shards_indexed_before_hashes_are_hashed_once_by_the_next_run(ws):
         fh.write(bytes(64))
     with pytest.raises(ValueError, match=f"{pooled}.*SHA-256"):
         store.load_pooled(ws.db_path, ws.features_dir, "resnet18", ITEMS)
+
+
+def test_a_verified_large_shard_is_trusted_by_later_processes_until_it_changes(tmp_path, monkeypatch):
+    import json
+
+    from visrec_pipeline.embeddings import shard_files
+
+    monkeypatch.setattr(shard_files, "STAMP_MIN_BYTES", 0)  # the threshold only: every file is "large" here
+    path = tmp_path / "s.pooled.npy"
+    np.save(path, np.arange(4096, dtype=np.float32).reshape(64, 64))
+    digest = shard_files.digest(path)
+    shard_files._verified.clear()  # a new process: nothing verified in memory
+    shard_files.verify(path, "bb", digest)  # full hash, identity recorded beside the file
+    stamp = json.loads((tmp_path / f"s.pooled.npy{shard_files.STAMP_SUFFIX}").read_text())
+    assert stamp["sha256"] == digest.sha256
+
+    # the stamp is what a later process trusts: one naming another hash for this identity is believed ...
+    fake = shard_files.FileDigest(digest.bytes, "f" * 64)
+    stamp["sha256"] = fake.sha256
+    (tmp_path / f"s.pooled.npy{shard_files.STAMP_SUFFIX}").write_text(json.dumps(stamp))
+    shard_files._verified.clear()
+    shard_files.verify(path, "bb", fake)
+    # ... until the file changes: same size, mtime set back, but its ctime moved: hashed again, refused
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shard_files._verified.clear()
+    with pytest.raises(shard_files.DamagedShardError, match="SHA-256"):
+        shard_files.verify(path, "bb", digest)

@@ -15,6 +15,7 @@ as its ``.npy`` header says, and the next embeddings run hashes them once and re
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.images.store import file_sha256
 
 
@@ -91,6 +93,10 @@ def verify(path: Path, backbone: str, expected: FileDigest | None) -> None:
             return
     if st.st_size != expected.bytes:
         raise DamagedShardError(path, backbone, f"{st.st_size:,} bytes, {expected.bytes:,} were written")
+    if _stamp_matches(path, st, expected.sha256):
+        with _verified_lock:
+            _verified[key] = expected.sha256
+        return
     actual = file_sha256(path)
     if actual != expected.sha256:
         raise DamagedShardError(
@@ -98,6 +104,40 @@ def verify(path: Path, backbone: str, expected: FileDigest | None) -> None:
         )
     with _verified_lock:
         _verified[key] = actual
+    _write_stamp(path, st, actual)
+
+
+# A full hash of a large shard file (20 GB of feature maps at 100k items) in every step process that
+# opens it costs minutes per step. After a full verification the file's identity is kept next to it
+# (``<file>.verified.json``: size, mtime, ctime, inode and the hash); a later process that finds the
+# same identity trusts the hash. Any write to the file changes its ctime (which no one can set back),
+# a replaced file its inode, so a file changed since is hashed again. Only small files skip it.
+STAMP_SUFFIX = ".verified.json"
+STAMP_MIN_BYTES = 64 * 2**20
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _stamp_matches(path: Path, st: os.stat_result, sha256: str) -> bool:
+    if st.st_size < STAMP_MIN_BYTES:
+        return False
+    try:
+        stamp = json.loads(Path(f"{path}{STAMP_SUFFIX}").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(stamp, dict) and stamp.get("identity") == _identity(st) and stamp.get("sha256") == sha256
+
+
+def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
+    if st.st_size < STAMP_MIN_BYTES:
+        return
+    try:
+        with atomic_path(f"{path}{STAMP_SUFFIX}") as tmp:
+            tmp.write_text(json.dumps({"identity": _identity(st), "sha256": sha256}))
+    except OSError:  # a read-only store: every process hashes, nothing else changes
+        pass
 
 
 # --- the embedding_shard_files table (created by sql/embeddings_tables.sql) ---------------------
