@@ -138,8 +138,8 @@ def fit_triples(
     ``batches(epoch)`` gets the 0-based epoch index; ``history.best_epoch`` is 1-based (as in logs and plots).
     With ``validate``, the weights of the best validation AUC are restored at the end.
     ``batches_per_epoch`` (when the source knows it) lets the first epoch say early what an epoch will
-    cost: after its first batches (at least 3, then up to 5 s or 20 batches) the time per batch is scaled
-    to the epoch, logged and kept in ``history.notes["epoch_estimate"]``.
+    cost: after its first batches (the first, a warm-up, untimed; then at least 3, up to 5 s or 20) the
+    time per batch is scaled to the epoch, logged and kept in ``history.notes["epoch_estimate"]``.
     """
     if cfg.epochs < 1:
         raise ValueError(f"TrainConfig.epochs must be >= 1, got {cfg.epochs}")
