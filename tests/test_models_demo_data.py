@@ -207,8 +207,11 @@ def test_acf_attentions_spread_and_follow_image_content(world):
     train = {"epochs": 8, "batch_size": 1024, "device": "cpu"}
     model = ACF(ACFConfig(train=train))
     attention = _fit(model, world, inputs)[0].notes["attention"]
-    # the settings before the fix: uncentred regions and no entropy term collapse both softmaxes
-    collapsed = ACF(ACFConfig(train=train, center_regions_by_position=False, item_attention_entropy_weight=0.0))
+    # the settings before the fix: uncentred regions and no entropy term (and shuffled batches, as then)
+    # collapse both softmaxes
+    collapsed = ACF(
+        ACFConfig(train=train, center_regions_by_position=False, item_attention_entropy_weight=0.0, user_chunk=1)
+    )
     before = _fit(collapsed, world, inputs)[0].notes["attention"]
 
     assert spatial.shape[1] == 16 and attention["item_rows"] > 100, attention
