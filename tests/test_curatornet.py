@@ -395,11 +395,11 @@ def test_random_batches_of_user_chunks_cover_the_epoch_once_and_bound_the_profil
     from visrec_pipeline.recsys.samplers import RandomTripleSampler
 
     batch_size, chunk = 32, 4
-    sampler = RandomTripleSampler(syn.data.train, batch_size=batch_size, seed=5)
-    source = RandomProfileBatches(syn.data.train, sampler, mask_positive=True, device="cpu", user_chunk=chunk)
-    order, bounds, triples = source.chunk_order(0)
-    np.testing.assert_array_equal(np.sort(order), np.arange(sampler.triples_per_epoch))  # each triple once
-    user = triples["user"][order]
+    sampler = RandomTripleSampler(syn.data.train, batch_size=batch_size, seed=5, user_chunk=chunk)
+    source = RandomProfileBatches(syn.data.train, sampler, mask_positive=True, device="cpu")
+    user = sampler.sample_epoch(0)["user"].numpy()
+    assert user.size == sampler.triples_per_epoch  # each triple once (same triples as unchunked: sampler tests)
+    bounds = np.r_[np.arange(0, user.size, batch_size), user.size]
     # runs of one user are chunks of at most `chunk` triples (two chunks of a user may meet by chance)
     run_starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     runs = np.diff(np.r_[run_starts, user.size])
@@ -412,12 +412,13 @@ def test_random_batches_of_user_chunks_cover_the_epoch_once_and_bound_the_profil
                         for s, e in zip(bounds[:-1], bounds[1:])]
     assert profiles == chunks_per_batch or all(p <= c for p, c in zip(profiles, chunks_per_batch))
     assert max(profiles) <= batch_size // 2  # not ~batch_size
+    plain_sampler = RandomTripleSampler(syn.data.train, batch_size=batch_size, seed=5)
     plain = [b["profile_offsets"].shape[0] - 1 for b in RandomProfileBatches(
-        syn.data.train, sampler, mask_positive=True, device="cpu", user_chunk=1).epoch(0)]
+        syn.data.train, plain_sampler, mask_positive=True, device="cpu").epoch(0)]
     assert np.mean(profiles) < np.mean(plain) / 2
     # a fresh, deterministic order each epoch
-    np.testing.assert_array_equal(source.chunk_order(1)[0], source.chunk_order(1)[0])
-    assert not np.array_equal(source.chunk_order(0)[0], source.chunk_order(1)[0])
+    np.testing.assert_array_equal(sampler.sample_epoch(1)["user"], sampler.sample_epoch(1)["user"])
+    assert not np.array_equal(sampler.sample_epoch(0)["user"], sampler.sample_epoch(1)["user"])
 
 
 def test_random_ablation_learns_with_user_chunks_the_default(syn):

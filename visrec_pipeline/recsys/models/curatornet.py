@@ -45,7 +45,7 @@ from visrec_pipeline.recsys.guided_sampler import (
 )
 from visrec_pipeline.recsys.model_spec import ModelSpec, register
 from visrec_pipeline.recsys.models.features import normalise, pooled_features
-from visrec_pipeline.recsys.samplers import RandomTripleSampler, user_chunk_order
+from visrec_pipeline.recsys.samplers import RandomTripleSampler
 from visrec_pipeline.recsys.trainer import TrainConfig
 from visrec_pipeline.recsys.triple_model import TripleTrainedConfig, TripleTrainedModel, train_defaults
 
@@ -298,14 +298,13 @@ class RandomProfileBatches:
     """
 
     def __init__(
-        self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device, by_user=False, user_chunk=1
+        self, train: CSR, sampler: RandomTripleSampler, *, mask_positive: bool, device, by_user=False
     ):
         self.train = train
         self.sampler = sampler
         self.mask_positive = mask_positive
         self.device = device
         self.by_user = bool(by_user)
-        self.user_chunk = int(user_chunk)
 
     def batch(self, user: np.ndarray, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of triples ``(user[k], pos[k], neg[k])`` with one profile per distinct user."""
@@ -333,22 +332,12 @@ class RandomProfileBatches:
         starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if grouped.size else grouped
         return order, packed_batch_bounds(starts, grouped.size, self.sampler.batch_size), triples
 
-    def chunk_order(self, e: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Epoch ``e``'s triples as chunks of up to ``user_chunk`` triples of one user, the chunks in a seeded
-        random order (:func:`~visrec_pipeline.recsys.samplers.user_chunk_order`); same ``(order, bounds,
-        triples)`` as :meth:`user_order`, batches of ``batch_size``."""
-        triples = {k: v.cpu().numpy() for k, v in self.sampler.sample_epoch(e).items()}
-        n = triples["user"].size
-        order = user_chunk_order(triples["user"], self.user_chunk, self.sampler.seed, e)
-        bounds = np.r_[np.arange(0, n, self.sampler.batch_size), n].astype(np.int64)
-        return order, bounds, triples
-
     def epoch(self, e: int):
-        if not self.by_user and self.user_chunk <= 1:
+        if not self.by_user:  # the sampler's batches (in chunks of one user's triples when it has user_chunk)
             for b in self.sampler.epoch(e):
                 yield self.batch(b["user"].cpu().numpy(), b["pos"], b["neg"])
             return
-        order, bounds, t = self.user_order(e) if self.by_user else self.chunk_order(e)
+        order, bounds, t = self.user_order(e)
         for start, stop in zip(bounds[:-1], bounds[1:]):
             idx = order[start:stop]
             yield self.batch(t["user"][idx], t["pos"][idx], t["neg"][idx])
@@ -454,7 +443,10 @@ class CuratorNet(TripleTrainedModel):
                 source = ResampledGuidedBatches(source, data, inputs, cfg, self.name, device)
                 sampler_notes["resampled_each_epoch"] = True
         else:
-            rs = RandomTripleSampler(data.train, seed=cfg.train.seed, device="cpu", batch_size=cfg.train.batch_size)
+            rs = RandomTripleSampler(
+                data.train, seed=cfg.train.seed, device="cpu", batch_size=cfg.train.batch_size,
+                user_chunk=1 if cfg.random_batches_by_user else cfg.random_user_chunk,
+            )
             profiles = recent_rows(data.train, data.train_ts, cfg.train_profile_items)
             source = RandomProfileBatches(
                 profiles,
@@ -462,7 +454,6 @@ class CuratorNet(TripleTrainedModel):
                 mask_positive=cfg.mask_positive_in_profile,
                 device=device,
                 by_user=cfg.random_batches_by_user,
-                user_chunk=cfg.random_user_chunk,
             )
             sampler_notes = {
                 **rs.summary(),
