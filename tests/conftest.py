@@ -130,3 +130,16 @@ def split_workspace(root: Path, rows, *, image_items: Iterable[int] | None = Non
             workers=1,
         )
     return ws
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private Ray cluster of this machine for the whole run: a head and two worker processes
+    (nodes of one CPU each) on loopback; this test process is connected to it as the driver."""
+    import ray
+
+    from visrec_pipeline.distributed.cluster import ComputeSettings, ray_session
+
+    with ray_session(ComputeSettings(engine="ray", address="local:2")) as address:
+        yield address
+    assert not ray.is_initialized()
