@@ -57,10 +57,11 @@ def test_project_instance_config_limits_the_duckdb_pool_to_one_step(tmp_path, mo
 def test_resources_passed_to_build_definitions_replace_the_bound_ones(tmp_path):
     from visrec_pipeline.definitions import build_definitions, defs
     from visrec_pipeline.defs.images import CommonsImageSource
-    from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+    from visrec_pipeline.defs.resources import ComputeResource, VisrecDuckDB, VisrecSettings
 
-    assert set(defs.resources) == {"settings", "duckdb", "commons"}
+    assert set(defs.resources) == {"settings", "duckdb", "commons", "compute"}
     resources = {
+        "compute": ComputeResource(engine="ray", address="local:2"),
         "settings": VisrecSettings(data_dir=str(tmp_path / "data"), dataset="demo"),
         "duckdb": VisrecDuckDB(database=str(tmp_path / "visrec.duckdb")),
         "commons": CommonsImageSource(),

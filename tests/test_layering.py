@@ -22,6 +22,7 @@ LIBRARY = (
     "visrec_pipeline.recsys",
     "visrec_pipeline.pipeline",
     "visrec_pipeline.reporting",
+    "visrec_pipeline.distributed",
 )
 
 # imports every module of LIBRARY (packages walked; __main__ modules would run) and prints the

@@ -12,6 +12,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from visrec_pipeline import db
+from visrec_pipeline.distributed.cluster import ComputeSettings
 from visrec_pipeline.ingest.interactions_file import DEFAULT_FUTURE_TOLERANCE_S
 from visrec_pipeline.ingest.shrink_guard import DEFAULT_MAX_SHRINK_SHARE, ShrinkPolicy
 from visrec_pipeline.paths import Workspace, env_data_dir, env_dataset
@@ -123,6 +124,36 @@ class VisrecSettings(dg.ConfigurableResource):
             torch.set_num_threads(threads)
 
 
+COMPUTE_ENV = "VISREC_COMPUTE"
+RAY_ADDRESS_ENV = "VISREC_RAY_ADDRESS"
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where the heavy steps run (feature extraction, training, evaluation): in the step's process
+    (``local``, the default) or on a Ray cluster (``ray``). Defaults come from VISREC_COMPUTE and
+    VISREC_RAY_ADDRESS. Everything else about the pipeline is the same on both."""
+
+    engine: str = Field(
+        default_factory=lambda: os.environ.get(COMPUTE_ENV, "").strip() or "local",
+        description=f"'local' (in the step's process) or 'ray' ({COMPUTE_ENV}).",
+    )
+    address: str = Field(
+        default_factory=lambda: os.environ.get(RAY_ADDRESS_ENV, "").strip() or "auto",
+        description="The Ray cluster: 'auto' (the cluster this machine joined with `ray start`), 'ray://host:10001', "
+        f"'host:port' of a head, or 'local:N' for a private cluster of N worker processes per step ({RAY_ADDRESS_ENV}).",
+    )
+    workers: int = Field(default=0, ge=0, description="Parallel Ray tasks or actors per step (0: one per cluster CPU).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each Ray task or actor declares.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs each Ray task or actor declares (0: CPU only).")
+
+    @property
+    def settings(self) -> ComputeSettings:
+        return ComputeSettings(
+            engine=self.engine, address=self.address, workers=self.workers,
+            cpus_per_worker=self.cpus_per_worker, gpus_per_worker=self.gpus_per_worker,
+        )
+
+
 class VisrecDuckDB(DuckDBResource):
     """dagster-duckdb's resource, waiting out another process's file lock instead of failing.
 
@@ -149,6 +180,7 @@ def default_resources(workspace: Workspace | None = None) -> dict[str, dg.Config
     return {
         "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
         "duckdb": VisrecDuckDB(database=str(ws.db_path)),
+        "compute": ComputeResource(),
     }
 
 
