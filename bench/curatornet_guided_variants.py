@@ -36,6 +36,10 @@ VARIANTS: dict[str, dict] = {
     "random_chunk2": {"sampler": "random", "random_user_chunk": 2},
     "random_chunk4": {"sampler": "random", "random_user_chunk": 4},
     "random_chunk16": {"sampler": "random", "random_user_chunk": 16},
+    # chunks of 4 for everyone, heavy users included (before random_profile_rows_per_triple)
+    "random_chunk4_fixed": {"sampler": "random", "random_user_chunk": 4, "random_profile_rows_per_triple": 0},
+    "random_rows8": {"sampler": "random", "random_profile_rows_per_triple": 8},
+    "random_rows32": {"sampler": "random", "random_profile_rows_per_triple": 32},
     "random_by_user": {"sampler": "random", "random_batches_by_user": True},  # batches of whole users
 }
 

@@ -426,7 +426,10 @@ def test_random_ablation_learns_with_user_chunks_the_default(syn):
     model = CuratorNetRandom(_small(CuratorNetRandomConfig))
     history = model.fit(syn.data, syn.inputs())
     assert history.notes["sampler"]["user_chunk"] == 4
+    assert history.notes["sampler"]["profile_rows_per_triple"] == 16  # heavy users' chunks grow
     assert history.loss[-1] < history.loss[0]
     assert evaluate(model.score, syn.data.holdout, syn.data.n_items, ks=(20,)).means["auc"] > 0.75
     with pytest.raises(ValueError, match="random_user_chunk"):
         CuratorNetRandomConfig(random_user_chunk=0)
+    with pytest.raises(ValueError, match="random_profile_rows_per_triple"):
+        CuratorNetRandomConfig(random_profile_rows_per_triple=-1)

@@ -142,3 +142,45 @@ def test_user_chunks_reorder_the_same_triples_into_few_users_per_batch():
     assert chunked.summary()["user_chunk"] == 4
     with pytest.raises(ValueError, match="user_chunk"):
         RandomTripleSampler(train, user_chunk=0)
+
+
+def test_profile_chunks_grow_with_the_capped_profile():
+    from visrec_pipeline.recsys.samplers import profile_chunks
+
+    lengths = np.array([0, 1, 5, 64, 65, 300, 1000])
+    np.testing.assert_array_equal(profile_chunks(lengths, 4, 256, 16), [4, 4, 4, 4, 5, 16, 16])
+    np.testing.assert_array_equal(profile_chunks(lengths, 4, 0, 16), [4, 4, 4, 4, 5, 19, 63])  # no cap
+
+
+def test_chunks_sized_by_profile_bound_the_pooled_rows_per_triple():
+    """A batch pools each distinct user's capped profile once: with chunks grown for heavy users the
+    rows pooled per triple stay under the budget, where fixed chunks of 4 cost cap / 4 for them."""
+    from visrec_pipeline.recsys.samplers import user_chunk_order
+
+    rng = np.random.default_rng(0)
+    # heavy-tailed profiles: most users light, a few with hundreds of items
+    lengths = np.minimum((rng.pareto(1.2, 1500) * 8 + 1).astype(np.int64), 199)
+    train = CSR.from_lists([sorted(rng.choice(200, n, replace=False).tolist()) for n in lengths], 200)
+    cap, budget, batch = 64, 4, 64
+    capped = np.minimum(train.lengths(), cap)
+
+    def rows_per_triple(sampler):
+        user = sampler.sample_epoch(0)["user"].numpy()
+        rows = sum(capped[np.unique(user[s : s + batch])].sum() for s in range(0, user.size, batch))
+        return rows / user.size, user
+
+    fixed = RandomTripleSampler(train, seed=1, batch_size=batch, user_chunk=4)
+    sized = RandomTripleSampler(train, seed=1, batch_size=batch, user_chunk=4, profile_rows_per_triple=budget, profile_cap=cap)
+    (r_fixed, u_fixed), (r_sized, u_sized) = rows_per_triple(fixed), rows_per_triple(sized)
+    assert np.array_equal(np.sort(u_fixed), np.sort(u_sized))  # the same triples' users, reordered
+    # the budget (plus partial chunks of light users) against up to cap / 4 for heavy users
+    assert r_sized <= budget + 2 and r_fixed > 1.5 * (budget + 2)
+    summary = sized.summary()
+    assert summary["profile_rows_per_triple"] == budget and summary["largest_user_chunk"] == cap // budget
+    # a heavy user's triples come in runs of its own chunk size
+    heavy = int(np.argmax(train.lengths()))
+    order = user_chunk_order(np.repeat([heavy, 0], [40, 40]), np.full(400, 4) + (np.arange(400) == heavy) * 6, 0, 0)
+    runs = np.diff(np.flatnonzero(np.r_[True, np.diff(np.repeat([heavy, 0], [40, 40])[order]) != 0, True]))
+    assert runs.max() >= 10 and sorted(order.tolist()) == list(range(80))
+    with pytest.raises(ValueError, match="profile_rows_per_triple"):
+        RandomTripleSampler(train, profile_rows_per_triple=-1)

@@ -33,9 +33,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
-def user_chunk_order(user: np.ndarray, chunk: int, seed: int, epoch: int) -> np.ndarray:
+def user_chunk_order(user: np.ndarray, chunk: int | np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """A permutation of the triples of users ``user`` (in a random order) that lays them out as chunks of
     up to ``chunk`` triples of one user, the chunks in a seeded random order (per ``seed`` and ``epoch``).
+    ``chunk`` may be an array indexed by user id: a chunk size per user (:func:`profile_chunks`).
 
     Why: a model that encodes each distinct user of a batch once (a profile tower, a profile attention)
     pays per distinct user; a shuffled batch holds ~batch_size distinct users once users are many, so
@@ -43,21 +44,39 @@ def user_chunk_order(user: np.ndarray, chunk: int, seed: int, epoch: int) -> np.
     of them whatever the data size, while still mixing many users."""
     user = np.asarray(user)
     n = user.size
-    if chunk <= 1 or n == 0:
+    per_user = np.ndim(chunk) > 0
+    if n == 0 or (not per_user and chunk <= 1):
         return np.arange(n)
     order = np.argsort(user, kind="stable")  # stable: the given random order within a user
     grouped = user[order]
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
     rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    chunk_id = np.cumsum(rank % chunk == 0) - 1  # a new chunk every `chunk` triples of a user
+    size = np.asarray(chunk, dtype=np.int64)[grouped] if per_user else chunk
+    chunk_id = np.cumsum(rank % size == 0) - 1  # a new chunk every `size` triples of a user
     rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0xC4C4]))
     shuffled = rng.permutation(int(chunk_id[-1]) + 1)
     return order[np.argsort(shuffled[chunk_id], kind="stable")]
 
 
+def profile_chunks(lengths: np.ndarray, chunk: int, profile_cap: int, rows_per_triple: int) -> np.ndarray:
+    """Chunk size per user for :func:`user_chunk_order` that bounds the profile rows a model pools per
+    triple: ``max(chunk, ceil(min(length, profile_cap) / rows_per_triple))``.
+
+    Why: a batch pools each distinct user's (capped) profile once, so a user in chunks of ``chunk``
+    costs ``length / chunk`` poolings of up to ``profile_cap`` rows an epoch: ``cap / chunk`` rows per
+    triple for heavy users, and more of them as a dataset grows (measured on bench/scale.py's data:
+    22 rows per triple at 100k interactions, 30 at 1M, with chunks of 4 and a cap of 256). Chunks
+    that grow with the profile keep it at most ``rows_per_triple`` (12-13 at both sizes with 16);
+    light users, whose profiles are short, keep chunks of ``chunk``."""
+    capped = np.minimum(np.asarray(lengths, dtype=np.int64), profile_cap if profile_cap > 0 else np.iinfo(np.int64).max)
+    return np.maximum(int(chunk), -(-capped // int(rows_per_triple)))
+
+
 class RandomTripleSampler:
     """Uniform BPR triples over a training CSR ``[n_users x n_items]``; with ``user_chunk`` > 1 an
-    epoch's triples come in chunks of that many triples of one user (:func:`user_chunk_order`)."""
+    epoch's triples come in chunks of that many triples of one user (:func:`user_chunk_order`), and
+    with ``profile_rows_per_triple`` > 0 heavy users' chunks grow with their profile (capped at
+    ``profile_cap`` items) as :func:`profile_chunks` says."""
 
     def __init__(
         self,
@@ -68,10 +87,15 @@ class RandomTripleSampler:
         batch_size: int = 1024,
         triples_per_epoch: int | None = None,
         user_chunk: int = 1,
+        profile_rows_per_triple: int = 0,
+        profile_cap: int = 0,
     ):
         if user_chunk < 1:
             raise ValueError(f"user_chunk must be >= 1, got {user_chunk}")
+        if profile_rows_per_triple < 0 or profile_cap < 0:
+            raise ValueError("profile_rows_per_triple and profile_cap must be >= 0")
         self.user_chunk = int(user_chunk)
+        self.profile_rows_per_triple = int(profile_rows_per_triple)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if triples_per_epoch is not None and triples_per_epoch < 1:
@@ -81,6 +105,10 @@ class RandomTripleSampler:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         lengths = train.lengths()
+        # the chunk size of each user: one size for all, or grown with the profile (profile_chunks)
+        self._chunks: int | np.ndarray = self.user_chunk
+        if self.user_chunk > 1 and self.profile_rows_per_triple > 0:
+            self._chunks = profile_chunks(lengths, self.user_chunk, int(profile_cap), self.profile_rows_per_triple)
         # a user who consumed every item has no negative: their entries cannot form a triple
         full = lengths >= self.n_items
         self.skipped_users = int(full.sum())
@@ -118,7 +146,7 @@ class RandomTripleSampler:
         users, pos = self._users[order], self._items[order]
         neg = self.sample_negatives(users, g)
         if self.user_chunk > 1:
-            chunked = torch.from_numpy(user_chunk_order(users.numpy(), self.user_chunk, self.seed, epoch))
+            chunked = torch.from_numpy(user_chunk_order(users.numpy(), self._chunks, self.seed, epoch))
             users, pos, neg = users[chunked], pos[chunked], neg[chunked]
         return {"user": users, "pos": pos, "neg": neg}
 
@@ -156,6 +184,10 @@ class RandomTripleSampler:
             "batch_size": self.batch_size,
             "batches_per_epoch": len(self),
             "user_chunk": self.user_chunk,
+            **(
+                {"profile_rows_per_triple": self.profile_rows_per_triple, "largest_user_chunk": int(np.max(self._chunks))}
+                if isinstance(self._chunks, np.ndarray) else {}
+            ),
             "skipped_users_without_negatives": self.skipped_users,
             "negatives": "uniform over items outside the user's training profile (exact complement sampling)",
         }

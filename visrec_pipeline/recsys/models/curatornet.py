@@ -83,6 +83,11 @@ class CuratorNetConfig(TripleTrainedConfig):
     # mixes batch_size / chunk users. 1: each triple alone (the plain shuffle's cost). Ignored with
     # random_batches_by_user. Measured in docs/curatornet_guided.md.
     random_user_chunk: int = 4
+    # random sampler only: a heavy user's chunks grow with their capped profile so a triple costs at most
+    # about this many pooled profile rows (samplers.profile_chunks; 0 = chunks of random_user_chunk for
+    # all). With fixed chunks of 4, heavy users cost cap / 4 = 64 rows per triple, and their share grows
+    # with the data (bench/scale.py: 22 rows per triple at 100k interactions, 30 at 1M; with 16: 12, 13).
+    random_profile_rows_per_triple: int = 16
     # "standard": z-score each feature dimension over the items with features (SELU's self-normalisation
     # assumes zero-mean, unit-variance inputs); "l2": unit rows; "none": raw features
     feature_scale: str = "standard"
@@ -110,6 +115,10 @@ class CuratorNetConfig(TripleTrainedConfig):
         if self.feature_scale not in ("standard", "l2", "none"):
             raise ValueError(
                 f"CuratorNetConfig.feature_scale must be standard|l2|none, got {self.feature_scale!r}"
+            )
+        if self.random_profile_rows_per_triple < 0:
+            raise ValueError(
+                f"CuratorNetConfig.random_profile_rows_per_triple must be >= 0, got {self.random_profile_rows_per_triple}"
             )
         if self.random_user_chunk < 1:
             raise ValueError(f"CuratorNetConfig.random_user_chunk must be >= 1, got {self.random_user_chunk}")
@@ -446,6 +455,7 @@ class CuratorNet(TripleTrainedModel):
             rs = RandomTripleSampler(
                 data.train, seed=cfg.train.seed, device="cpu", batch_size=cfg.train.batch_size,
                 user_chunk=1 if cfg.random_batches_by_user else cfg.random_user_chunk,
+                profile_rows_per_triple=cfg.random_profile_rows_per_triple, profile_cap=cfg.train_profile_items,
             )
             profiles = recent_rows(data.train, data.train_ts, cfg.train_profile_items)
             source = RandomProfileBatches(
