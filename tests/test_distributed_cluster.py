@@ -86,3 +86,22 @@ def _live_members(groups: set[int]) -> list[str]:
         if int(fields[2]) in groups and fields[0] != "Z":
             live.append(stat[:80])
     return live
+
+
+def test_one_private_cluster_for_a_run_is_joined_by_address():
+    import subprocess
+    import sys
+
+    from visrec_pipeline.distributed.cluster import _COUNT_NODES, cluster_for_run
+
+    local = ComputeSettings()
+    with cluster_for_run(local) as same:
+        assert same is local  # nothing to start
+    with cluster_for_run(ComputeSettings(engine="ray", address="ray://head:10001")) as same:
+        assert same.address == "ray://head:10001"
+    with cluster_for_run(ComputeSettings(engine="ray", address="local:1", workers=3)) as run:
+        assert run.address.startswith("127.0.0.1:") and run.workers == 3
+        # a step process joins it by address, with Ray's default settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        out = subprocess.run([sys.executable, "-c", _COUNT_NODES, run.address], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr[-2000:]

@@ -13,6 +13,8 @@ import copy
 import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +128,33 @@ def run_tuning(in_process: bool = False) -> int:
     return 0 if result.success else 1
 
 
+@contextmanager
+def run_compute() -> Iterator[str | None]:
+    """Where the run's heavy steps go (VISREC_COMPUTE, VISREC_RAY_ADDRESS): with ``ray`` and
+    ``local:N``, one private Ray cluster for the whole run, whose address the step processes inherit
+    (they read the compute resource's defaults from the environment). Yields a line to print, or None."""
+    from visrec_pipeline.defs.resources import RAY_ADDRESS_ENV, ComputeResource
+    from visrec_pipeline.distributed.cluster import cluster_for_run
+
+    settings = ComputeResource().settings
+    if not settings.distributed:
+        yield None
+        return
+    with cluster_for_run(settings) as used:
+        if used.address == settings.address:
+            yield f"  compute: Ray cluster at {used.address}"
+            return
+        before = os.environ.get(RAY_ADDRESS_ENV)
+        os.environ[RAY_ADDRESS_ENV] = used.address
+        try:
+            yield f"  compute: a private Ray cluster of {settings.address.partition(':')[2] or 2} worker processes at {used.address}"
+        finally:
+            if before is None:
+                os.environ.pop(RAY_ADDRESS_ENV, None)
+            else:
+                os.environ[RAY_ADDRESS_ENV] = before
+
+
 def run_demo(in_process: bool = False) -> int:
     import dagster as dg
 
@@ -148,7 +177,9 @@ def run_demo(in_process: bool = False) -> int:
             print(f"  on a CPU: each model's training is capped at {minutes:g} min, keeping its best validated "
                   "weights (VISREC_TRAIN_MINUTES=0: no cap)", flush=True)
         run_config.update(user_config)
-    with dg.DagsterInstance.get() as instance:
+    with run_compute() as compute_note, dg.DagsterInstance.get() as instance:
+        if compute_note:
+            print(compute_note, flush=True)
         # a demo killed earlier must not keep this one waiting for its pool slots (the run's executor
         # does it too, and keeps doing it while the run lasts; here it is said on the console first)
         for gone in release_dead_runs(instance):
