@@ -134,14 +134,20 @@ class TripleTrainedModel(Recommender):
             return build()
 
     def random_triples(
-        self, data: RecData, device: torch.device | str, triples_per_epoch: int | None = None, user_chunk: int = 1
+        self,
+        data: RecData,
+        device: torch.device | str,
+        triples_per_epoch: int | None = None,
+        user_chunk: int = 1,
+        profile_rows_per_triple: int = 0,
+        profile_cap: int = 0,
     ) -> tuple[Batches, dict]:
-        """Uniform BPR triples of ``data.train`` on ``device`` and the sampler's summary (``user_chunk``: see
-        :class:`~visrec_pipeline.recsys.samplers.RandomTripleSampler`)."""
+        """Uniform BPR triples of ``data.train`` on ``device`` and the sampler's summary (``user_chunk``,
+        ``profile_rows_per_triple``, ``profile_cap``: see :class:`~visrec_pipeline.recsys.samplers.RandomTripleSampler`)."""
         cfg = self.config.train
         sampler = RandomTripleSampler(
             data.train, seed=cfg.seed, device=device, batch_size=cfg.batch_size, triples_per_epoch=triples_per_epoch,
-            user_chunk=user_chunk,
+            user_chunk=user_chunk, profile_rows_per_triple=profile_rows_per_triple, profile_cap=profile_cap,
         )
         return sampler.epoch, sampler.summary()
 
