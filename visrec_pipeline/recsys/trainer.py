@@ -52,6 +52,9 @@ class TrainConfig:
     # wall-clock budget for the whole training, validations included (0: none). A first run on a large
     # dataset on a CPU ends in predictable time with the best weights validated so far.
     max_minutes: float = 0.0
+    # on a Ray cluster (compute engine ray): train with DistributedDataParallel over the cluster's workers,
+    # each on its share of every batch (visrec_pipeline.distributed.training); here: no effect
+    data_parallel: bool = False
 
 
 def seed_everything(seed: int) -> None:
