@@ -12,17 +12,19 @@ batch as locally, and ``recsys.evaluate.merge_results`` gives the same rows and 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from visrec_pipeline import db
-from visrec_pipeline.distributed.cluster import ComputeSettings
+from visrec_pipeline.distributed.cluster import ComputeSettings, ray_session
 from visrec_pipeline.model_io import build_inputs
 from visrec_pipeline.paths import Workspace
+from visrec_pipeline.pipeline.evaluation import SeedEvaluator, evaluate_checkpoint
 from visrec_pipeline.pipeline.trained import read_checkpoint, require_fresh, restore_model, scoring_needs
 from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.data import Holdout, RecData
@@ -103,3 +105,14 @@ class ShardedEvaluator:
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 self.progress(f"{name}: {done}/{total} users evaluated ({rate:.0f} users/s)")
         return merge_results(parts), time.perf_counter() - started, meta
+
+
+@contextmanager
+def evaluator_for(settings: ComputeSettings, progress: Progress | None = None) -> Iterator[SeedEvaluator]:
+    """The evaluator the compute settings ask for: here (``local``), or a :class:`ShardedEvaluator`
+    connected to the cluster for the duration of the block (``ray``)."""
+    if not settings.distributed:
+        yield evaluate_checkpoint
+        return
+    with ray_session(settings):
+        yield ShardedEvaluator(settings, progress)

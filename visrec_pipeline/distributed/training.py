@@ -25,16 +25,18 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from visrec_pipeline.distributed.cluster import ComputeSettings
+from visrec_pipeline.distributed.cluster import ComputeSettings, ray_session
+from visrec_pipeline.pipeline.training import Fitter, fit_here
 from visrec_pipeline.recsys.base import FitInputs, Recommender, TrainHistory
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.trainer import TrainConfig
@@ -322,3 +324,14 @@ def _fit_task(model: Recommender, data: RecData, inputs: FitInputs, queue, threa
     model.log = _remote_logger(queue, model.name)
     history = model.fit(data, inputs)
     return history, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def fitter_for(settings: ComputeSettings, storage: Path, progress: Progress | None = None) -> Iterator[Fitter]:
+    """The fitter the compute settings ask for: here (``local``), or a :class:`RayFitter` connected to
+    the cluster for the duration of the block (``ray``; ``local:N`` starts a private one)."""
+    if not settings.distributed:
+        yield fit_here
+        return
+    with ray_session(settings):
+        yield RayFitter(settings, storage, progress)
