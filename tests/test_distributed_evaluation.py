@@ -66,3 +66,33 @@ def test_sharded_evaluation_equals_local_evaluation_exactly(ray_cluster, ws, nam
     assert said[0].startswith(f"{name}: evaluating 60 users in 4 shard(s)")
     assert said[-1].startswith(f"{name}: 60/60 users evaluated")
     assert len(said) == 5
+
+
+def test_the_model_and_evaluation_assets_run_on_ray_with_progress_in_the_run_log(ray_cluster, ws):
+    import dagster as dg
+
+    from visrec_pipeline.defs.models import build_model_assets
+    from visrec_pipeline.defs.resources import ComputeResource, VisrecSettings
+    from visrec_pipeline.recsys.registry import get_spec
+
+    model_asset, evaluation_asset = build_model_assets(spec=get_spec("bpr_mf"))
+    resources = {
+        "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
+        "compute": ComputeResource(engine="ray", address=ray_cluster),
+    }
+    run_config = {
+        "ops": {
+            "model_bpr_mf": {"config": {"train": {"epochs": 2, "device": "cpu"}, "factors": 8}},
+            "evaluation_bpr_mf": {"config": {"batch_size": BATCH}},
+        }
+    }
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [model_asset, evaluation_asset], resources=resources, run_config=run_config, instance=instance
+        )
+        assert result.success
+        messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    (trained,) = result.asset_materializations_for_node("model_bpr_mf")
+    assert trained.metadata["notes"].value["distributed"]["mode"] == "task"
+    assert any("bpr_mf: epoch 2/2" in m for m in messages)
+    assert any("bpr_mf: 60/60 users evaluated" in m for m in messages)
