@@ -85,3 +85,12 @@ def test_a_model_trained_as_a_ray_task_equals_its_local_training(ray_cluster, ws
     a, b = load_checkpoint(local.checkpoint)["state"], load_checkpoint(remote.checkpoint)["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("bpr_mf: epoch 2/2" in line for line in said)
+
+
+def test_a_time_budget_stops_every_ddp_worker_at_the_same_batch(ray_cluster, ws, tmp_path):
+    # CPU runs on the user's data cap every model's training (cli.user_data_run_config): the workers
+    # read rank 0's clock, so all stop together instead of waiting on each other in DDP
+    config = {**DVBPR_CONFIG, "train": {**DVBPR_CONFIG["train"], "max_minutes": 1e-4}}
+    trained = train_model(ws, "dvbpr", config, fitter=RayFitter(SETTINGS, storage=tmp_path / "ray_train"))
+    assert trained.history.notes["stopped_by"] == "time_budget"
+    assert len(trained.history.loss) == 1 and trained.history.notes["data_parallel"]["workers"] == 2

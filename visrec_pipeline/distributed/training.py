@@ -123,11 +123,15 @@ class TorchDDP:
         return once
 
     def train_config(self, cfg: TrainConfig) -> TrainConfig:
-        if cfg.max_minutes > 0:
-            # a time budget stops each worker at its own batch: the others would wait forever in DDP
-            raise ValueError("train.max_minutes is not supported with data-parallel training: set it to 0 or data_parallel to false")
         # the sampler and the validation keep the config's seed; dropout draws differ per worker
         return dataclasses.replace(cfg, seed=cfg.seed + self.rank)
+
+    def clock(self) -> float:
+        # rank 0's clock for all: each worker's own would stop them at different batches of the
+        # max_minutes budget, and the others would wait in DDP forever
+        value = torch.tensor([time.perf_counter() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
+        dist.broadcast(value, src=0)
+        return float(value[0])
 
     def finish(self, history: TrainHistory) -> None:
         losses = torch.tensor(history.loss, dtype=torch.float64, device=self.device)

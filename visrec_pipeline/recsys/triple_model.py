@@ -110,6 +110,9 @@ class DataParallel(Protocol):
     def train_config(self, cfg: TrainConfig) -> TrainConfig:
         """This worker's training settings."""
 
+    def clock(self) -> float:
+        """Seconds on a clock every worker reads alike (the ``max_minutes`` budget stops them together)."""
+
     def finish(self, history: TrainHistory) -> None:
         """After training: make ``history`` the whole run's (e.g. losses over every worker's share)."""
 
@@ -203,6 +206,7 @@ class TripleTrainedModel(Recommender):
             optimizer=optimizer,
             log=self.log,
             batches_per_epoch=_batches_per_epoch(sampler_notes, cfg.batch_size),
+            clock=parallel.clock if parallel is not None else None,
         )
         if parallel is not None:
             parallel.finish(history)
