@@ -3,6 +3,8 @@ workers on real images, a model trained as one Ray task, and how batches are sha
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from conftest import split_workspace
 from visrec_pipeline.distributed.cluster import ComputeSettings
 from visrec_pipeline.distributed.training import RayFitter, batch_share, wants_data_parallel
 from visrec_pipeline.pipeline import load_trained, train_model
+from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.checkpoint import load_checkpoint
 from visrec_pipeline.recsys.evaluate import evaluate
 from visrec_pipeline.recsys.registry import build_model
@@ -87,10 +90,49 @@ def test_a_model_trained_as_a_ray_task_equals_its_local_training(ray_cluster, ws
     assert any("bpr_mf: epoch 2/2" in line for line in said)
 
 
-def test_a_time_budget_stops_every_ddp_worker_at_the_same_batch(ray_cluster, ws, tmp_path):
-    # CPU runs on the user's data cap every model's training (cli.user_data_run_config): the workers
-    # read rank 0's clock, so all stop together instead of waiting on each other in DDP
-    config = {**DVBPR_CONFIG, "train": {**DVBPR_CONFIG["train"], "max_minutes": 1e-4}}
-    trained = train_model(ws, "dvbpr", config, fitter=RayFitter(SETTINGS, storage=tmp_path / "ray_train"))
-    assert trained.history.notes["stopped_by"] == "time_budget"
-    assert len(trained.history.loss) == 1 and trained.history.notes["data_parallel"]["workers"] == 2
+
+def test_ddp_workers_keep_equal_weights_and_a_time_budget_stops_them_together(ray_cluster):
+    # a CPU run on the user's data caps every model's training (cli.user_data_run_config): the workers
+    # read rank 0's clock, so all stop at the same batch instead of waiting on each other in DDP
+    import socket
+
+    import ray
+
+    from visrec_pipeline.recsys.synthetic import planted_dataset
+
+    def ddp_rank(rank: int, port: int, data, inputs, config: dict) -> tuple[dict, dict]:
+        """One of two DDP workers, its process group made by hand (as TorchTrainer makes its workers')."""
+        import dataclasses
+
+        import torch.distributed as dist
+
+        from visrec_pipeline.distributed.training import TorchDDP
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        try:
+            model = build_model("dvbpr", config)
+            history = model.fit(data, inputs, parallel=TorchDDP(rank, 2, torch.device("cpu")))
+            return dataclasses.asdict(history), {k: v.clone() for k, v in model.state_dict().items()}
+        finally:
+            dist.destroy_process_group()
+
+    syn = planted_dataset(n_users=60, n_items=80, n_clusters=4, dim=8, per_user=(6, 12), seed=3)
+    fit, validation = syn.data.validation_split()
+    rng = np.random.default_rng(0)
+    # FitInputs.images: rows of a table of random images (a partial of torch travels to the workers)
+    images = functools.partial(torch.index_select, torch.from_numpy(rng.integers(0, 256, (80, 3, 32, 32), dtype=np.uint8)), 0)
+    inputs = FitInputs(images=images, validation=validation)
+    tiny = {"k": 4, "gamma_dim": 2, "input_size": 48, "width_mult": 0.125, "fc_dim": 16, "lrn": False,
+            "train": {"epochs": 3, "batch_size": 64, "lr": 1e-2, "device": "cpu", "data_parallel": True}}
+    task = ray.remote(num_cpus=1)(ddp_rank)
+    for budget, epochs in ((0.0, 3), (1e-5, 1)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = {**tiny, "train": {**tiny["train"], "max_minutes": budget}}
+        (h0, s0), (h1, s1) = ray.get([task.remote(r, port, fit, inputs, config) for r in (0, 1)], timeout=300)
+        assert len(h0["loss"]) == len(h1["loss"]) == epochs and h0["loss"] == h1["loss"]
+        assert h0["notes"]["stopped_by"] == h1["notes"]["stopped_by"] == ("time_budget" if budget else "epochs")
+        # DDP averaged the gradients: the two workers end with the same weights
+        assert all(torch.equal(s0[k], s1[k]) for k in s0 if k.startswith("module."))

@@ -22,6 +22,7 @@ import torch
 
 from visrec_pipeline import db
 from visrec_pipeline.distributed.cluster import ComputeSettings, ray_session
+from visrec_pipeline.distributed.training import quiet_read_only_arrays
 from visrec_pipeline.model_io import build_inputs
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline.evaluation import SeedEvaluator, evaluate_checkpoint
@@ -48,6 +49,7 @@ def _evaluate_shard(
     name: str, path: str, data: RecData, inputs: FitInputs, rows: np.ndarray, cold: np.ndarray,
     ks: Sequence[int], protocol: str, batch_size: int, threads: int,
 ) -> EvalResult:
+    quiet_read_only_arrays()
     torch.set_num_threads(threads)
     # read here, not shipped: each task holds one copy of the weights (the hash is checked again)
     model = restore_model(name, read_checkpoint(name, Path(path)), data, inputs)

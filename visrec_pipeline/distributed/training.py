@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ class TorchDDP:
         derived = [name for name, _ in wrapper.named_buffers() if name not in persistent]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, derived)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(wrapper, device_ids=ids, broadcast_buffers=False), _call
+        return DistributedDataParallel(wrapper, device_ids=ids, forward_sync_buffers=False), _call
 
     def validator(self, validate: Callable[[], float] | None) -> Callable[[], float] | None:
         if validate is None:
@@ -154,6 +155,12 @@ class _QueueHandler(logging.Handler):
             pass
 
 
+def quiet_read_only_arrays() -> None:
+    # the inputs come from Ray's object store as read-only numpy arrays; torch.as_tensor warns that it
+    # cannot mark them read-only, and nothing here writes to them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def _remote_logger(queue, name: str) -> logging.Logger:
     log = logging.Logger(f"visrec.remote.{name}", logging.INFO)  # not registered: one per worker run
     log.propagate = False
@@ -170,6 +177,7 @@ def _ddp_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_read_only_arrays()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -324,6 +332,7 @@ def task_resources(model: Recommender, settings: ComputeSettings) -> tuple[float
 
 
 def _fit_task(model: Recommender, data: RecData, inputs: FitInputs, queue, threads: int):
+    quiet_read_only_arrays()
     torch.set_num_threads(threads)
     model.log = _remote_logger(queue, model.name)
     history = model.fit(data, inputs)
