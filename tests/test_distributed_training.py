@@ -11,7 +11,7 @@ import torch
 
 from conftest import split_workspace
 from visrec_pipeline.distributed.cluster import ComputeSettings
-from visrec_pipeline.distributed.training import RayFitter, batch_share, wants_data_parallel
+from visrec_pipeline.distributed.training import RayFitter, batch_share, task_resources, wants_data_parallel
 from visrec_pipeline.pipeline import load_trained, train_model
 from visrec_pipeline.recsys.base import FitInputs
 from visrec_pipeline.recsys.checkpoint import load_checkpoint
@@ -54,6 +54,13 @@ def test_dvbpr_asks_for_data_parallel_training_and_others_do_not():
     assert wants_data_parallel(build_model("bpr_mf", {"train": {"data_parallel": True}}))
 
 
+def test_a_model_asking_for_cuda_gets_a_gpu_for_its_training():
+    settings = ComputeSettings(engine="ray", cpus_per_worker=2)
+    assert task_resources(build_model("bpr_mf", {"train": {"device": "cuda"}}), settings) == (2, 1.0)
+    assert task_resources(build_model("bpr_mf"), settings) == (2, 0.0)
+    assert task_resources(build_model("ease"), ComputeSettings(engine="ray", gpus_per_worker=0.5)) == (1.0, 0.5)
+
+
 def test_dvbpr_trains_with_ddp_on_two_workers_and_its_checkpoint_scores(ray_cluster, ws, tmp_path):
     said: list[str] = []
     fitter = RayFitter(SETTINGS, storage=tmp_path / "ray_train", progress=said.append)
@@ -62,6 +69,7 @@ def test_dvbpr_trains_with_ddp_on_two_workers_and_its_checkpoint_scores(ray_clus
     history = trained.history
     assert history.notes["distributed"]["mode"] == "ddp" and history.notes["distributed"]["workers"] == 2
     assert history.notes["data_parallel"]["backend"] == "gloo"
+    assert history.notes["cost_estimate"]["epoch_seconds"] > 0  # measured in a task on a worker
     assert len(history.loss) == 4 and history.loss[-1] < history.loss[0]
     assert len(history.val_auc) == 4  # rank 0 validated every epoch
     # the remote epochs reached the driver's log as they ran

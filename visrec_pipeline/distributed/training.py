@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from visrec_pipeline.distributed.cluster import ComputeSettings, ray_session
 from visrec_pipeline.pipeline.training import Fitter, fit_here
 from visrec_pipeline.recsys.base import FitInputs, Recommender, TrainHistory
+from visrec_pipeline.recsys.cost import CostEstimate, estimate_cost
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.trainer import TrainConfig
 from visrec_pipeline.recsys.triple_model import Batches, LossFn, TripleTrainedModel
@@ -271,8 +272,8 @@ class RayFitter:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        workers = _cluster_workers(self.settings)
-        gpus = self.settings.gpus_per_worker
+        _cpus, gpus = task_resources(model, self.settings)
+        workers = _cluster_workers(dataclasses.replace(self.settings, gpus_per_worker=gpus))
         resources = {"CPU": self.settings.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}
         queue = _progress_queue()
         run_name = f"{model.name}-{uuid.uuid4().hex[:8]}"
@@ -304,6 +305,18 @@ class RayFitter:
         history.notes["distributed"] = {"engine": "ray", "mode": "ddp", "workers": workers, "wall_seconds": round(time.perf_counter() - started, 2)}
         return history, state
 
+    def estimate_cost(self, model: Recommender, data: RecData, inputs: FitInputs) -> CostEstimate | None:
+        """The model's epoch cost measured in a task with a training worker's resources (e.g. on a GPU
+        of the cluster, not on the machine of the step). Under DDP it is one worker's figure: each
+        worker trains on its share of every batch, so an epoch takes less."""
+        import ray
+
+        if not hasattr(model, "estimate_epoch_cost"):
+            return None  # a cheap model: nothing to measure
+        cpus, gpus = task_resources(model, self.settings)
+        task = ray.remote(_estimate_task).options(num_cpus=cpus, num_gpus=gpus)
+        return ray.get(task.remote(_shippable(model), data, inputs, max(1, int(cpus))))
+
     def fit_in_task(self, model: Recommender, data: RecData, inputs: FitInputs):
         import ray
 
@@ -329,6 +342,12 @@ def task_resources(model: Recommender, settings: ComputeSettings) -> tuple[float
     if device.startswith("cuda") and gpus == 0:
         gpus = 1.0
     return settings.cpus_per_worker, gpus
+
+
+def _estimate_task(model: Recommender, data: RecData, inputs: FitInputs, threads: int) -> CostEstimate | None:
+    quiet_read_only_arrays()
+    torch.set_num_threads(threads)
+    return estimate_cost(model, data, inputs)
 
 
 def _fit_task(model: Recommender, data: RecData, inputs: FitInputs, queue, threads: int):

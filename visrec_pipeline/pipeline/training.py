@@ -19,7 +19,7 @@ from visrec_pipeline.pipeline.trained import checkpoint_path
 from visrec_pipeline.pipeline.tuning_store import require_tuned
 from visrec_pipeline.recsys.base import FitInputs, Recommender, TrainHistory
 from visrec_pipeline.recsys.checkpoint import recorded_sha256, save_checkpoint
-from visrec_pipeline.recsys.cost import check_before_fit
+from visrec_pipeline.recsys.cost import check_before_fit, estimate_cost
 from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.registry import build_model, get_spec
 from visrec_pipeline.recsys.search_spaces import merge_overrides
@@ -54,7 +54,8 @@ def fit_here(model: Recommender, data: RecData, inputs: FitInputs) -> tuple[Trai
     return history, model.state_dict()
 
 
-# fit_here's signature: where and how a model is fit (here, or on a cluster)
+# fit_here's signature: where and how a model is fit (here, or on a cluster); a fitter may also have
+# estimate_cost(model, data, inputs) (recsys.cost.estimate_cost's signature) to measure where it trains
 Fitter = Callable[[Recommender, RecData, FitInputs], tuple[TrainHistory, dict[str, torch.Tensor]]]
 
 
@@ -101,7 +102,9 @@ def train_model(
     if log is not None:
         model.log = log  # type: ignore[assignment]
     # an expensive model says its cost first, and stops here when it is past its limit
-    estimate = check_before_fit(model, fit_data, inputs, log=log)
+    estimate = check_before_fit(
+        model, fit_data, inputs, log=log, estimator=getattr(fitter, "estimate_cost", estimate_cost)
+    )
     started = time.perf_counter()
     history, state = fitter(model, fit_data, inputs)
     n_fit_rows = int(fit_data.train.nnz)
