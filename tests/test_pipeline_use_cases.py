@@ -171,14 +171,16 @@ def test_benchmark_report_is_written_from_the_stored_results(ws):
 
 def test_the_assets_write_what_the_library_calls_write(ws):
     from visrec_pipeline.defs.models import build_model_assets
-    from visrec_pipeline.defs.resources import VisrecSettings
+    from visrec_pipeline.defs.resources import ComputeResource, VisrecSettings
 
     library = evaluate_model(ws, "most_popular")
     model_asset, evaluation_asset = build_model_assets(spec=get_spec("most_popular"))
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [model_asset, evaluation_asset],
-            resources={"settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset)},
+            resources={
+                "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset), "compute": ComputeResource()
+            },
             instance=instance,
         )
     assert result.success

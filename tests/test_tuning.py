@@ -136,13 +136,13 @@ def test_refit_trains_on_every_training_row_for_the_epochs_validation_chose(ws):
 
 def test_tuning_asset_materializes_and_the_model_asset_uses_it(ws):
     from visrec_pipeline.defs.models import build_model_assets
-    from visrec_pipeline.defs.resources import VisrecSettings
+    from visrec_pipeline.defs.resources import ComputeResource, VisrecSettings
     from visrec_pipeline.defs.tuning import build_tuning_asset
 
     spec = MODEL_SPECS["ease"]
     tuning_asset = build_tuning_asset(spec)
     model_asset, _evaluation = build_model_assets(spec=spec)
-    resources = {"settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset)}
+    resources = {"settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset), "compute": ComputeResource()}
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [tuning_asset],

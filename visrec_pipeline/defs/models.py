@@ -21,7 +21,9 @@ from visrec_pipeline import step_memory
 from visrec_pipeline.defs.after_failure import recording_step_memory
 from visrec_pipeline.defs.automation import follows_models, model_cadence
 from visrec_pipeline.defs.config_bridge import config_class_for, to_dataclass_kwargs
-from visrec_pipeline.defs.resources import VisrecSettings
+from visrec_pipeline.defs.resources import ComputeResource, VisrecSettings
+from visrec_pipeline.distributed.evaluation import evaluator_for
+from visrec_pipeline.distributed.training import fitter_for
 from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.pipeline import (
     DEFAULT_BATCH_SIZE,
@@ -40,6 +42,7 @@ from visrec_pipeline.reporting.plots import training_curves_png
 MODELS_GROUP = "models"
 EVALUATION_GROUP = "evaluation"
 CODE_VERSION = "1"
+RAY_TRAIN_DIR = "ray_train"  # under the workspace (shared storage): Ray Train's run folders, removed after each fit
 
 # which upstream asset provides each kind of model input
 _NEED_TO_ASSET = {
@@ -132,11 +135,17 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         "file per extra seed).",
     )
     def model_asset(
-        context: dg.AssetExecutionContext, config: ConfigCls, settings: VisrecSettings  # type: ignore[valid-type]
+        context: dg.AssetExecutionContext,
+        config: ConfigCls,  # type: ignore[valid-type]
+        settings: VisrecSettings,
+        compute: ComputeResource,
     ) -> dg.MaterializeResult:
         remove_leftover_temps(context, settings.workspace.models_dir / name)
         seeds = getattr(config, SEEDS_FIELD)
-        with recording_step_memory(context):  # a step the OS kills still tells its peak memory
+        # a step the OS kills still tells its peak memory; on Ray, the remote epochs go to the run log
+        with recording_step_memory(context), fitter_for(
+            compute.settings, settings.workspace.root / RAY_TRAIN_DIR, context.log.info
+        ) as fitter:
             trained_seeds = train_seeds(
                 settings.workspace,
                 name,
@@ -145,6 +154,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
                 use_tuned=config.use_tuned,
                 refit=config.refit,
                 log=context.log,
+                fitter=fitter,
             )
         trained = trained_seeds[0]
         metadata = _training_metadata(trained)
@@ -165,9 +175,9 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
         "(means of every seed the model asset trained).",
     )
     def evaluation_asset(
-        context: dg.AssetExecutionContext, config: EvaluationConfig, settings: VisrecSettings
+        context: dg.AssetExecutionContext, config: EvaluationConfig, settings: VisrecSettings, compute: ComputeResource
     ) -> dg.MaterializeResult:
-        with recording_step_memory(context):
+        with recording_step_memory(context), evaluator_for(compute.settings, context.log.info) as evaluator:
             evaluation = evaluate_model(
                 settings.workspace,
                 name,
@@ -175,6 +185,7 @@ def build_model_assets(*, spec: ModelSpec) -> tuple[dg.AssetsDefinition, dg.Asse
                 protocol=config.protocol,
                 batch_size=config.batch_size,
                 log=context.log,
+                evaluator=evaluator,
             )
         metadata = _evaluation_metadata(evaluation)
         metadata["peak_rss_mib"] = dg.MetadataValue.float(_peak_rss_mib())

@@ -263,6 +263,17 @@ def parse_local_address(address: str) -> int | None:
     return workers
 
 
+def _workers_use_their_own_environment() -> None:
+    """Ray replicates a driver started by ``uv run`` on the workers by running them under ``uv run`` in a
+    copy of the working directory (its uv hook, applied to every runtime env, e.g. Ray Train's workers):
+    that builds a new environment per worker (offline: none at all). The nodes here run this package
+    from their own environment (module docstring), so the hook is off."""
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    from ray._private import ray_constants  # read once at import: set the constant too
+
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+
+
 @contextmanager
 def ray_session(settings: ComputeSettings) -> Iterator[str]:
     """Connect this process to the cluster of ``settings`` (starting a private one for ``local:N``)
@@ -274,6 +285,7 @@ def ray_session(settings: ComputeSettings) -> Iterator[str]:
     cluster = LocalRayCluster(workers=workers) if workers is not None else None
     address = cluster.address if cluster is not None else settings.address
     started_here = False
+    _workers_use_their_own_environment()
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     try:
         if not ray.is_initialized():

@@ -6,7 +6,8 @@ import logging
 import time
 import gc
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +47,39 @@ def cold_items(data: RecData) -> np.ndarray:
     return np.flatnonzero(~seen)
 
 
+def evaluate_checkpoint(
+    ws: Workspace,
+    name: str,
+    path: Path,
+    data: RecData,
+    cold: np.ndarray,
+    *,
+    ks: Sequence[int],
+    protocol: Protocol,
+    batch_size: int,
+    log: logging.Logger | None = None,
+) -> tuple[EvalResult, float, dict]:
+    """Metrics of the checkpoint of model ``name`` at ``path`` over ``data``'s holdout, in this process:
+    ``(result, seconds of ranking and metrics, the checkpoint's data_versions and extra)``.
+    :class:`SeedEvaluator`'s local form (``visrec_pipeline.distributed.evaluation`` has the sharded one)."""
+    model, _data, _inputs, ckpt = load_trained(ws, name, log=log, data=data, path=path)
+    started = time.perf_counter()
+    result = evaluate(
+        model.score,
+        data.holdout,
+        len(data.items),
+        ks=tuple(ks),
+        protocol=protocol,
+        batch_size=batch_size,
+        cold_items=cold if cold.size else None,
+    )
+    return result, time.perf_counter() - started, {k: ckpt.get(k, {}) for k in ("data_versions", "extra")}
+
+
+# evaluate_checkpoint's signature: how one seed's checkpoint is scored (here, or sharded on a cluster)
+SeedEvaluator = Callable[..., tuple[EvalResult, float, dict]]
+
+
 def evaluate_model(
     ws: Workspace,
     name: str,
@@ -54,33 +88,24 @@ def evaluate_model(
     protocol: Protocol = DEFAULT_PROTOCOL,
     batch_size: int = DEFAULT_BATCH_SIZE,
     log: logging.Logger | None = None,
+    evaluator: SeedEvaluator = evaluate_checkpoint,
 ) -> ModelEvaluation:
     """Full-ranking metrics of trained model ``name`` over the holdout, written to ``evaluation_rows``
     (seed 0) and ``evaluation_summary`` (every seed trained with it, :func:`~visrec_pipeline.pipeline.seeds.trained_seeds`),
     replacing this model's rows under ``protocol``. Seeds are restored and scored one at a time
-    against one load of the split."""
+    against one load of the split, each by ``evaluator`` (default: in this process)."""
     data = load_scoring_data(ws)
     cold = cold_items(data)
     results: list[tuple[int, EvalResult, float]] = []
     first: tuple[EvalResult, float, dict] | None = None
     for seed, path in trained_seeds(ws, name):
-        model, _data, _inputs, ckpt = load_trained(ws, name, log=log, data=data, path=path)
-        started = time.perf_counter()
-        result = evaluate(
-            model.score,
-            data.holdout,
-            len(data.items),
-            ks=tuple(ks),
-            protocol=protocol,
-            batch_size=batch_size,
-            cold_items=cold if cold.size else None,
+        result, seconds, ckpt = evaluator(
+            ws, name, path, data, cold, ks=tuple(ks), protocol=protocol, batch_size=batch_size, log=log
         )
-        seconds = time.perf_counter() - started
         extra = ckpt.get("extra", {})
         results.append((seed, result, float(extra.get("train_seconds", 0.0))))
-        if first is None:  # not the state: the weights go with the model
-            first = (result, seconds, {k: ckpt.get(k, {}) for k in ("data_versions", "extra")})
-        del model, ckpt, _inputs
+        if first is None:
+            first = (result, seconds, ckpt)
         gc.collect()  # one model's weights in memory at a time
         if log is not None and seed > 0:
             log.info(f"{name}: seed {seed} evaluated (AUC {result.means.get('auc', float('nan')):.5f})")

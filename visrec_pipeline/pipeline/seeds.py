@@ -19,7 +19,7 @@ from pathlib import Path
 from visrec_pipeline.atomic import atomic_path
 from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline.trained import checkpoint_path
-from visrec_pipeline.pipeline.training import TrainedModel, train_model
+from visrec_pipeline.pipeline.training import Fitter, TrainedModel, fit_here, train_model
 from visrec_pipeline.recsys.checkpoint import CheckpointError, digest_path, recorded_sha256
 from visrec_pipeline.recsys.registry import make_config
 
@@ -65,10 +65,11 @@ def train_seeds(
     use_tuned: bool = False,
     refit: bool = False,
     log: logging.Logger | None = None,
+    fitter: Fitter = fit_here,
 ) -> list[TrainedModel]:
     """Train model ``name`` under ``seeds`` seeds, one after the other (one model in memory at a time):
     seed 0 with ``config`` as given, seed ``k`` with its seed moved by ``k``; ``use_tuned`` and
-    ``refit`` as in :func:`train_model`, for every seed. Writes the manifest and removes the files of
+    ``refit`` (and ``fitter``) as in :func:`train_model`, for every seed. Writes the manifest and removes the files of
     seeds beyond ``seeds`` left by an earlier training."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -80,7 +81,8 @@ def train_seeds(
         cfg = dict(config or {}) if k == 0 else with_seed(name, config, k)
         trained.append(
             train_model(
-                ws, name, cfg, use_tuned=use_tuned, refit=refit, log=log, path=seed_checkpoint_path(ws, name, k)
+                ws, name, cfg, use_tuned=use_tuned, refit=refit, log=log, path=seed_checkpoint_path(ws, name, k),
+                fitter=fitter,
             )
         )
     _remove_seeds_from(ws, name, seeds)

@@ -70,23 +70,43 @@ def load_trained(
     inputs such as triples are not read); ``log`` (optional) receives the model's log messages. A
     damaged checkpoint is a :class:`CheckpointError`, one trained on other data a :class:`StaleCheckpointError`."""
     path = checkpoint_path(ws, name) if path is None else Path(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc} (re-materialize model_{name})") from exc
-    spec = get_spec(name)
+    ckpt = read_checkpoint(name, path)
     with db.connect(ws.db_path) as conn:
         if data is None:
             data = load_rec_data(conn)
-        changes = changed_versions(ckpt["data_versions"], current_versions(conn, spec.needs), spec.needs)
-    if changes:
-        raise StaleCheckpointError(name, path, changes)
+        require_fresh(conn, name, path, ckpt)
     needs = scoring_needs(name)
     inputs = build_inputs(ws, needs, data) if needs else FitInputs()
+    return LoadedModel(restore_model(name, ckpt, data, inputs, log=log), data, inputs, ckpt)
+
+
+def read_checkpoint(name: str, path: Path) -> dict[str, Any]:
+    """The checkpoint of model ``name`` at ``path``; a :class:`CheckpointError` naming the asset to
+    re-materialize when it is damaged."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (re-materialize model_{name})") from exc
+
+
+def require_fresh(conn, name: str, path: Path, ckpt: dict[str, Any]) -> None:
+    """A :class:`StaleCheckpointError` when checkpoint ``ckpt`` (at ``path``) of model ``name`` was trained
+    on other data than the database of ``conn`` holds now."""
+    spec = get_spec(name)
+    changes = changed_versions(ckpt["data_versions"], current_versions(conn, spec.needs), spec.needs)
+    if changes:
+        raise StaleCheckpointError(name, path, changes)
+
+
+def restore_model(
+    name: str, ckpt: dict[str, Any], data: RecData, inputs: FitInputs, *, log: logging.Logger | None = None
+) -> Recommender:
+    """Model ``name`` built from the checkpoint's config and state, attached to ``data`` and its scoring
+    ``inputs`` (:func:`scoring_needs`); no database access (a Ray task restores models with it)."""
     model = build_model(name, ckpt["config"])
     if log is not None:
         model.log = log  # type: ignore[assignment]
     if hasattr(model, "attach_inputs"):
         model.attach_inputs(data, inputs)
     model.load_state_dict(ckpt["state"])
-    return LoadedModel(model, data, inputs, ckpt)
+    return model

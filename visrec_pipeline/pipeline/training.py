@@ -7,6 +7,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from visrec_pipeline import db
 from visrec_pipeline.model_io import build_inputs, load_rec_data
@@ -14,9 +17,10 @@ from visrec_pipeline.paths import Workspace
 from visrec_pipeline.pipeline.provenance import read_training_provenance
 from visrec_pipeline.pipeline.trained import checkpoint_path
 from visrec_pipeline.pipeline.tuning_store import require_tuned
-from visrec_pipeline.recsys.base import TrainHistory
+from visrec_pipeline.recsys.base import FitInputs, Recommender, TrainHistory
 from visrec_pipeline.recsys.checkpoint import recorded_sha256, save_checkpoint
-from visrec_pipeline.recsys.cost import check_before_fit
+from visrec_pipeline.recsys.cost import check_before_fit, estimate_cost
+from visrec_pipeline.recsys.data import RecData
 from visrec_pipeline.recsys.registry import build_model, get_spec
 from visrec_pipeline.recsys.search_spaces import merge_overrides
 
@@ -43,6 +47,18 @@ class TrainedModel:
     validation_fit: dict | None = None  # refit only: what the early-stopped fit on the validation split chose
 
 
+def fit_here(model: Recommender, data: RecData, inputs: FitInputs) -> tuple[TrainHistory, dict[str, torch.Tensor]]:
+    """``model.fit`` in this process: ``(history, the trained state to checkpoint)``. :data:`Fitter`'s
+    local form (``visrec_pipeline.distributed.training`` fits on a Ray cluster)."""
+    history = model.fit(data, inputs)
+    return history, model.state_dict()
+
+
+# fit_here's signature: where and how a model is fit (here, or on a cluster); a fitter may also have
+# estimate_cost(model, data, inputs) (recsys.cost.estimate_cost's signature) to measure where it trains
+Fitter = Callable[[Recommender, RecData, FitInputs], tuple[TrainHistory, dict[str, torch.Tensor]]]
+
+
 def train_model(
     ws: Workspace,
     name: str,
@@ -52,6 +68,7 @@ def train_model(
     refit: bool = False,
     log: logging.Logger | None = None,
     path: Path | None = None,
+    fitter: Fitter = fit_here,
 ) -> TrainedModel:
     """Fit model ``name`` (its default config updated by ``config``) and write ``models/<name>/<name>.pt``.
 
@@ -62,7 +79,8 @@ def train_model(
     rows, validation rows included, with what validation chose (``Recommender.refit_overrides``: the
     best epoch count, EASE's lambda) and no validation, and keeps that one. ``path``: where the
     checkpoint goes instead (another seed's file, see :mod:`visrec_pipeline.pipeline.seeds`).
-    ``log`` (optional) receives the model's training log."""
+    ``log`` (optional) receives the model's training log. ``fitter``: where the model is fit (default:
+    here); the checkpoint is written here from the state it returns."""
     spec = get_spec(name)
     ws = ws.ensure()
     with db.connect(ws.db_path) as conn:
@@ -84,9 +102,11 @@ def train_model(
     if log is not None:
         model.log = log  # type: ignore[assignment]
     # an expensive model says its cost first, and stops here when it is past its limit
-    estimate = check_before_fit(model, fit_data, inputs, log=log)
+    estimate = check_before_fit(
+        model, fit_data, inputs, log=log, estimator=getattr(fitter, "estimate_cost", estimate_cost)
+    )
     started = time.perf_counter()
-    history = model.fit(fit_data, inputs)
+    history, state = fitter(model, fit_data, inputs)
     n_fit_rows = int(fit_data.train.nnz)
     validation_fit = None
     if refit:
@@ -107,7 +127,7 @@ def train_model(
         # triples_guided holds triples of the rows minus the validation rows: without them, guided
         # CuratorNet samples its guideline triples from all the rows it is given (its `guided` config)
         all_inputs.extra.pop("triples_guided", None)
-        history = model.fit(data, all_inputs)
+        history, state = fitter(model, data, all_inputs)
         history.notes["validation_fit"] = validation_fit
         n_fit_rows = int(data.train.nnz)
     train_seconds = time.perf_counter() - started
@@ -118,7 +138,7 @@ def train_model(
         path,
         model_name=name,
         config=model_config,
-        state=model.state_dict(),
+        state=state,
         data_versions={**provenance.versions, **{k: str(v) for k, v in provenance.features.items()}},
         history=dataclasses.asdict(history),
         extra={"train_seconds": train_seconds, "lineage": provenance.lineage},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from visrec_pipeline.recsys.base import FitInputs, Recommender
 from visrec_pipeline.recsys.data import RecData
@@ -76,10 +77,16 @@ def estimate_cost(model: Recommender, data: RecData, inputs: FitInputs) -> CostE
 
 
 def check_before_fit(
-    model: Recommender, data: RecData, inputs: FitInputs, *, log: logging.Logger | None = None
+    model: Recommender,
+    data: RecData,
+    inputs: FitInputs,
+    *,
+    log: logging.Logger | None = None,
+    estimator: Callable[[Recommender, RecData, FitInputs], CostEstimate | None] = estimate_cost,
 ) -> CostEstimate | None:
-    """Log the model's estimate; :class:`CostTooHighError` when it is past ``max_estimated_epoch_minutes``."""
-    estimate = estimate_cost(model, data, inputs)
+    """Log the model's estimate; :class:`CostTooHighError` when it is past ``max_estimated_epoch_minutes``.
+    ``estimator``: where it is measured (default here; a cluster measures on a worker that will train)."""
+    estimate = estimator(model, data, inputs)
     if estimate is None:
         return None
     (log or _LOG).info("%s", estimate.describe())

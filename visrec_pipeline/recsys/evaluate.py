@@ -168,6 +168,7 @@ def evaluate(
     seed: int = 0,
     cold_items: np.ndarray | None = None,
     max_profile_len: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> EvalResult:
     """Rank every non-profile item for each holdout row and compute the spec's metrics.
 
@@ -182,6 +183,10 @@ def evaluate(
     ``TUTORIAL_PROFILE_LEN`` most recent items (``holdout.profile_rank``), which are both scored
     and excluded; older profile items stay candidates. ``per_row.profile_size`` is the full profile.
     ``max_profile_len`` cuts what the model is shown to the most recent items, never what is excluded.
+    ``rows``: evaluate only these holdout rows (a shard of the users; ``per_row.row`` stays the row's
+    index in the whole holdout). A shard made of consecutive batches of :func:`batch_order` is scored
+    in the very batches a whole evaluation scores them in, so :func:`merge_results` of the shards
+    equals the whole evaluation exactly.
     """
     started = time.perf_counter()
     ks = check_ks(ks)
@@ -192,7 +197,14 @@ def evaluate(
     m = len(holdout)
     if m == 0:
         raise ValueError("the holdout has no rows to evaluate")
-    rows = np.arange(m, dtype=np.int64)
+    if rows is not None:
+        if max_users is not None:
+            raise ValueError("evaluate: give rows or max_users, not both")
+        rows = np.unique(np.asarray(rows, np.int64))
+        if rows.size == 0 or rows[0] < 0 or rows[-1] >= m:
+            raise ValueError(f"evaluate: rows must be a non-empty subset of the holdout rows 0..{m - 1}")
+    else:
+        rows = np.arange(m, dtype=np.int64)
     if max_users is not None:
         if max_users < 1:
             raise ValueError(f"max_users must be >= 1, got {max_users}")
@@ -214,8 +226,7 @@ def evaluate(
         cold_mask[cold_items] = True
 
     scored = holdout.with_recent_profile(TUTORIAL_PROFILE_LEN) if protocol == "tutorial" else holdout
-    # rows with the same number of relevant items share a batch: the slot padding stays small
-    order = rows[np.argsort(n_relevant, kind="stable")]
+    order = rows[_relevance_order(n_relevant)]
     names = metric_names(ks)
     values = {name: np.empty(m, np.float64) for name in names}
     n_candidates = np.empty(m, np.int64)
@@ -246,26 +257,53 @@ def evaluate(
             **{name: values[name][rows] for name in names},
         }
     )
-    means = {name: float(per_row[name].mean()) for name in names}
-    n_cold_rows = None
     if cold_mask is not None:
         sub = holdout.predict.take_rows(rows)
-        has_cold = np.bincount(sub.row_ids(), weights=cold_mask[sub.indices], minlength=rows.size) > 0
-        per_row["has_cold"] = has_cold
+        per_row["has_cold"] = np.bincount(sub.row_ids(), weights=cold_mask[sub.indices], minlength=rows.size) > 0
+    return _result(per_row, protocol, ks, tuple(names), time.perf_counter() - started)
+
+
+def _relevance_order(n_relevant: np.ndarray) -> np.ndarray:
+    # rows with the same number of relevant items share a batch: the slot padding stays small
+    return np.argsort(n_relevant, kind="stable")
+
+
+def _result(per_row: pd.DataFrame, protocol: str, ks: tuple[int, ...], names: tuple[str, ...], seconds: float) -> EvalResult:
+    """The EvalResult of ``per_row``: its means over all rows and, with ``has_cold``, over each group."""
+    means = {name: float(per_row[name].mean()) for name in names}
+    n_cold_rows = None
+    if "has_cold" in per_row:
+        has_cold = per_row["has_cold"].to_numpy(bool)
         n_cold_rows = int(has_cold.sum())
         for prefix, group in ((COLD_PREFIX, has_cold), (WARM_PREFIX, ~has_cold)):
             for name in names:
                 means[prefix + name] = float(per_row.loc[group, name].mean()) if group.any() else float("nan")
     return EvalResult(
-        per_row=per_row,
-        means=means,
-        protocol=protocol,
-        ks=ks,
-        n_rows=int(rows.size),
-        n_cold_rows=n_cold_rows,
-        seconds=time.perf_counter() - started,
-        metrics=tuple(names),
+        per_row=per_row, means=means, protocol=protocol, ks=ks, n_rows=len(per_row), n_cold_rows=n_cold_rows,
+        seconds=seconds, metrics=names,
     )
+
+
+def batch_order(holdout: Holdout) -> np.ndarray:
+    """Every holdout row in the order :func:`evaluate` scores them: its batches are consecutive slices
+    of ``batch_size`` rows of this order (cut shards at multiples of ``batch_size``)."""
+    return _relevance_order(holdout.predict.lengths()).astype(np.int64)
+
+
+def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One EvalResult from the results of disjoint shards of rows of one holdout (same protocol and ks):
+    the rows in holdout order and the means computed from them as :func:`evaluate` computes them."""
+    if not parts:
+        raise ValueError("merge_results: no shard results to merge")
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.protocol, part.ks, part.metrics) != (first.protocol, first.ks, first.metrics):
+            raise ValueError("merge_results: the shards were evaluated under different protocols or ks")
+    per_row = pd.concat([p.per_row for p in parts], ignore_index=True)
+    if per_row["row"].duplicated().any():
+        raise ValueError("merge_results: the shards overlap (a holdout row evaluated twice)")
+    per_row = per_row.sort_values("row", kind="stable").reset_index(drop=True)
+    return _result(per_row, first.protocol, first.ks, first.metrics, sum(p.seconds for p in parts))
 
 
 def _profiles_of(users: Holdout | RecData) -> Holdout:

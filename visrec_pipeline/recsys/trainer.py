@@ -52,6 +52,9 @@ class TrainConfig:
     # wall-clock budget for the whole training, validations included (0: none). A first run on a large
     # dataset on a CPU ends in predictable time with the best weights validated so far.
     max_minutes: float = 0.0
+    # on a Ray cluster (compute engine ray): train with DistributedDataParallel over the cluster's workers,
+    # each on its share of every batch (visrec_pipeline.distributed.training); here: no effect
+    data_parallel: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -132,6 +135,7 @@ def fit_triples(
     optimizer: torch.optim.Optimizer | OptimizerGroup | None = None,
     log: logging.Logger | None = None,
     batches_per_epoch: int | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> TrainHistory:
     """Train ``module`` in place; returns loss per epoch, validation AUC per validation and the best epoch.
 
@@ -140,6 +144,8 @@ def fit_triples(
     ``batches_per_epoch`` (when the source knows it) lets the first epoch say early what an epoch will
     cost: after its first batches (the first, a warm-up, untimed; then at least 3, up to 5 s or 20) the
     time per batch is scaled to the epoch, logged and kept in ``history.notes["epoch_estimate"]``.
+    ``clock`` (default ``time.perf_counter``) times the ``max_minutes`` budget: data-parallel workers
+    pass one they all agree on, so the budget stops them at the same batch.
     """
     if cfg.epochs < 1:
         raise ValueError(f"TrainConfig.epochs must be >= 1, got {cfg.epochs}")
@@ -163,7 +169,8 @@ def fit_triples(
     val_epochs: list[int] = []
     triples_per_s: list[float] = []
     best_auc, best_state, stale = -math.inf, None, 0
-    started = time.perf_counter()
+    now = clock or time.perf_counter
+    started = now()
     budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes > 0 else math.inf
     stopped_by = "epochs"
 
@@ -196,7 +203,7 @@ def fit_triples(
                     t_first = time.perf_counter()
                 else:
                     _estimate_first_epoch(history, log, cfg, t_first, n_batches_done - 1, batches_per_epoch)
-            if time.perf_counter() - started > budget_s:
+            if budget_s < math.inf and now() - started > budget_s:
                 stopped_by = "time_budget"
                 break
         if n_seen == 0:
@@ -213,7 +220,7 @@ def fit_triples(
             )
         history.loss.append(epoch_loss)
         # the budget ends training now, or the next epoch (at the mean epoch time so far) would end past it
-        elapsed = time.perf_counter() - started
+        elapsed = now() - started
         out_of_time = stopped_by == "time_budget" or (
             epoch + 1 < cfg.epochs and elapsed + elapsed / (epoch + 1) > budget_s
         )
@@ -253,7 +260,7 @@ def fit_triples(
     elif history.loss:
         history.best_epoch = len(history.loss)
     module.eval()
-    history.seconds = time.perf_counter() - started
+    history.seconds = now() - started
     history.notes.update(
         {
             "val_epochs": val_epochs,

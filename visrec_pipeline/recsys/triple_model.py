@@ -21,7 +21,7 @@ import abc
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from visrec_pipeline.recsys.samplers import RandomTripleSampler
 from visrec_pipeline.recsys.trainer import OptimizerGroup, TrainConfig, fit_triples, make_validator
 
 Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
 T = TypeVar("T")
 
 _TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -90,6 +91,30 @@ class _ModuleLoss:
 
     def __call__(self, module: nn.Module, batch: dict) -> torch.Tensor:
         return module.loss(batch, **self.options)
+
+
+class DataParallel(Protocol):
+    """How :meth:`TripleTrainedModel.fit` runs as one of several data-parallel workers (e.g. DDP; see
+    ``visrec_pipeline.distributed.training``): every worker runs the same fit, on its own share of
+    every batch, with the gradients averaged."""
+
+    def shard(self, batches: Batches) -> Batches:
+        """This worker's share of each batch of ``batches``."""
+
+    def wrap(self, module: nn.Module, loss_fn: LossFn) -> tuple[nn.Module, LossFn]:
+        """The module to train (it averages the gradients) and the loss computed through it."""
+
+    def validator(self, validate: Callable[[], float] | None) -> Callable[[], float] | None:
+        """``validate`` run once for all workers (each gets its result)."""
+
+    def train_config(self, cfg: TrainConfig) -> TrainConfig:
+        """This worker's training settings."""
+
+    def clock(self) -> float:
+        """Seconds on a clock every worker reads alike (the ``max_minutes`` budget stops them together)."""
+
+    def finish(self, history: TrainHistory) -> None:
+        """After training: make ``history`` the whole run's (e.g. losses over every worker's share)."""
 
 
 class TripleTrainedModel(Recommender):
@@ -158,9 +183,10 @@ class TripleTrainedModel(Recommender):
         return self.module
 
     # ------------------------------------------------------------------ training
-    def fit(self, data: RecData, inputs: FitInputs) -> TrainHistory:
+    def fit(self, data: RecData, inputs: FitInputs, *, parallel: DataParallel | None = None) -> TrainHistory:
         """Train as described in the module docstring. Validation AUC (early stopping) uses
-        ``inputs.validation``; without it every epoch runs and the last weights are kept."""
+        ``inputs.validation``; without it every epoch runs and the last weights are kept. ``parallel``:
+        as one of several data-parallel workers (see :class:`DataParallel`)."""
         cfg = self.config.train
         device = resolve_device(cfg.device)
         module, input_notes = self.build_module(data, inputs, device)
@@ -169,16 +195,27 @@ class TripleTrainedModel(Recommender):
         batches, sampler_notes = self.batch_source(data, inputs, device)
         validate = self._validator(data, inputs)
         options = self.loss_options()
+        loss_fn: LossFn = _ModuleLoss(options)
+        optimizer = self.optimizer(self.module)
+        trained, train_cfg = self.module, cfg
+        if parallel is not None:
+            batches = parallel.shard(batches)
+            trained, loss_fn = parallel.wrap(self.module, loss_fn)
+            validate = parallel.validator(validate)
+            train_cfg = parallel.train_config(cfg)
         history = fit_triples(
-            self.module,
+            trained,
             batches,
-            cfg,
-            loss_fn=_ModuleLoss(options) if options else None,
+            train_cfg,
+            loss_fn=loss_fn,
             validate=validate,
-            optimizer=self.optimizer(self.module),
+            optimizer=optimizer,
             log=self.log,
             batches_per_epoch=_batches_per_epoch(sampler_notes, cfg.batch_size),
+            clock=parallel.clock if parallel is not None else None,
         )
+        if parallel is not None:
+            parallel.finish(history)
         self.invalidate_cache()
         self.build_cache()  # from the weights training kept
         history.notes["sampler"] = sampler_notes

@@ -285,7 +285,8 @@ class DVBPRConfig(TripleTrainedConfig):
     """Defaults: the paper's CNN-F at 224 px with K = 50 (real data, GPU). See :meth:`demo`."""
 
     # train.weight_decay: Adam L2 on the CNN weights (not on the embeddings: ``reg`` covers those)
-    train: TrainConfig = train_defaults(epochs=10, batch_size=128, lr=1e-4, weight_decay=1e-4)
+    # data_parallel: the CNN's forward/backward is the cost, and DDP over the cluster's workers divides it
+    train: TrainConfig = train_defaults(epochs=10, batch_size=128, lr=1e-4, weight_decay=1e-4, data_parallel=True)
     reg: float = 1e-3  # L2 on theta_u, gamma_u, gamma_i, gamma_j of each triple
     k: int = 50  # visual factors (phi's output size)
     gamma_dim: int = 50  # latent (non-visual) factors; 0 = the paper's purely visual form
