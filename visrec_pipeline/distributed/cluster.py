@@ -249,6 +249,19 @@ print(sum(1 for n in ray.nodes() if n["Alive"]))
 """
 
 
+def start_private_cluster(workers: int, attempts: int = 2) -> LocalRayCluster:
+    """A :class:`LocalRayCluster`, started again once if a node fails to come up: on a loaded machine
+    a node now and then times out while registering (seen under a test suite on 2 busy cores)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return LocalRayCluster(workers=workers)
+        except (RuntimeError, TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            print(f"a private Ray cluster failed to start ({str(exc).splitlines()[0]}); starting it again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def parse_local_address(address: str) -> int | None:
     """``local:N`` -> N (workers of a private cluster); anything else -> None."""
     if not address.startswith("local"):
@@ -282,7 +295,7 @@ def ray_session(settings: ComputeSettings) -> Iterator[str]:
     import ray
 
     workers = parse_local_address(settings.address)
-    cluster = LocalRayCluster(workers=workers) if workers is not None else None
+    cluster = start_private_cluster(workers) if workers is not None else None
     address = cluster.address if cluster is not None else settings.address
     started_here = False
     _workers_use_their_own_environment()
@@ -316,5 +329,5 @@ def cluster_for_run(settings: ComputeSettings) -> Iterator[ComputeSettings]:
     if workers is None:
         yield settings
         return
-    with LocalRayCluster(workers=workers) as cluster:
+    with start_private_cluster(workers) as cluster:
         yield replace(settings, address=cluster.address)
