@@ -26,6 +26,18 @@ from typing import Iterator
 
 ENGINES = ("local", "ray")
 
+# A driver started under `uv run` (make, the tests) would have Ray rebuild a uv environment for every
+# worker from an uploaded copy of the working dir (a hook Ray turns on by default), and those workers
+# then lack the installed packages; the workers use the Python their node was started with.
+NO_UV_RUN_HOOK = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def _disable_uv_run_hook() -> None:
+    os.environ.update(NO_UV_RUN_HOOK)  # read when ray is first imported
+    from ray._private import ray_constants
+
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False  # ray may be imported already
+
 
 @dataclass(frozen=True)
 class ComputeSettings:
@@ -128,6 +140,7 @@ class LocalRayCluster:
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
+            **NO_UV_RUN_HOOK,
             # the nodes must import this package as the driver does (e.g. a checkout that is not installed)
             "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p),
         }
@@ -278,6 +291,7 @@ def ray_session(settings: ComputeSettings) -> Iterator[str]:
     try:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls home
+            _disable_uv_run_hook()
             if cluster is not None:
                 os.environ["RAY_AUTH_MODE"] = "disabled"  # as its nodes (see LocalRayCluster)
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
