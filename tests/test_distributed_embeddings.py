@@ -9,6 +9,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from torchvision import models
 
 from conftest import split_workspace
@@ -71,12 +72,16 @@ def test_ray_extraction_equals_local_reports_failures_and_commits_every_item_onc
 
     seen = []
     settings = ComputeSettings(engine="ray", address=ray_cluster, workers=2)
+    fresh = load_backbone(RESNET18, "random", init_cache_dir=ws.init_cache_dir)  # as loaded: its weights are fingerprinted
+    with pytest.raises(ValueError, match="already ran"):
+        extract_on_ray(backbone, plan, ws.root, ws.features_dir, settings, init_cache_dir=ws.init_cache_dir, **OPTIONS)
     on_ray = extract_on_ray(
-        backbone, plan, ws.root, ws.features_dir, settings, init_cache_dir=ws.init_cache_dir,
+        fresh, plan, ws.root, ws.features_dir, settings, init_cache_dir=ws.init_cache_dir,
         progress=lambda done, total, rate: seen.append((done, total)), progress_every_s=0.2, **OPTIONS,
     )
     ray_x = on_ray.extraction
-    assert on_ray.workers == 2 and on_ray.shards == 2 and len(ray_x.shards) == 2  # one shard per worker batch
+    # one batch and one shard per worker, each written by its own actor
+    assert on_ray.workers == on_ray.actors_used == 2 and on_ray.shards == 2 and len(ray_x.shards) == 2
     assert seen[-1] == (9, 9) and all(d <= t for d, t in seen)
 
     # the broken image is reported, by item, as the local path reports it
@@ -150,7 +155,17 @@ def test_the_embeddings_asset_on_ray_gives_the_local_features(ray_cluster, tmp_p
     assert got_mask.tolist() == want_mask.tolist() == [i != BROKEN_ITEM for i in ids]
     cos = (got * want).sum(1)[want_mask] / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))[want_mask]
     assert cos.min() > 0.9999
-    # a second run reuses every feature and tries the unreadable image again, as a local run does
-    again = _materialize(ray_ws, ComputeResource(engine="ray", address=ray_cluster))
-    assert again["computed"].value == 0 and again["reused"].value == 8 and again["failed_to_read"].value == 1
-    assert store.load_pooled(ray_ws.db_path, ray_ws.features_dir, "resnet18", ids)[0].tolist() == got.tolist()
+
+
+def test_workers_that_load_other_weights_than_the_driver_fail_the_run_and_leave_no_shard(ray_cluster, tmp_path):
+    ws = _workspace(tmp_path)
+    weights = tmp_path / "weights.pt"
+    torch.save(load_backbone(RESNET18, "random", seed=0).model.state_dict(), weights)
+    backbone = load_backbone(RESNET18, str(weights))
+    plan = update.plan(lambda: db.connect(ws.db_path), ws.features_dir, backbone)
+    # the file changes after the step loaded it (or a node reads another file at that path)
+    torch.save(load_backbone(RESNET18, "random", seed=1).model.state_dict(), weights)
+    settings = ComputeSettings(engine="ray", address=ray_cluster, workers=2)
+    with pytest.raises(Exception, match="not the driver's"):
+        extract_on_ray(backbone, plan, ws.root, ws.features_dir, settings, wait_for_actors_s=120, **OPTIONS)
+    assert not list(ws.features_dir.rglob("*.npy"))

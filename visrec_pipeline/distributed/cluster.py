@@ -118,7 +118,8 @@ def _ray_cli() -> str:
 
 class LocalRayCluster:
     """A private Ray cluster of this machine: a head that runs no tasks and ``workers`` worker nodes
-    (separate processes) of ``cpus_per_worker`` CPUs each, started from this interpreter; ``close()``
+    (separate processes) of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` of this machine's GPUs)
+    each, started from this interpreter; ``close()``
     stops exactly these processes (never ``ray stop``, which stops every Ray process of the machine).
 
     Token authentication is off for it: its nodes are processes of this machine and its state lives
@@ -129,6 +130,7 @@ class LocalRayCluster:
         workers: int = 2,
         cpus_per_worker: int = 1,
         object_store_mb: int = 256,
+        gpus_per_worker: int = 0,
         start_timeout_s: float = 90.0,
     ):
         if workers < 1:
@@ -163,7 +165,7 @@ class LocalRayCluster:
                 # session dir and one of them times out (seen with two)
                 self._start(
                     [_ray_cli(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                     f"--num-cpus={int(cpus_per_worker)}", "--num-gpus=0", *common, *_node_ports()],
+                     f"--num-cpus={int(cpus_per_worker)}", f"--num-gpus={int(gpus_per_worker)}", *common, *_node_ports()],
                     f"worker{i}",
                 )
                 self._wait_for_log(f"worker{i}", start_timeout_s)

@@ -21,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import resource
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -76,6 +79,9 @@ def state_fingerprint(model: torch.nn.Module) -> str:
 def weights_source(backbone: LoadedBackbone, init_cache_dir: str | Path | None) -> WeightsSource:
     """Where the actors load ``backbone``'s weights from (see :class:`WeightsSource`)."""
     spec, choice = backbone.spec, backbone.weights
+    if backbone.prepared or "extractor" in vars(backbone):
+        # preparing folds batch norms into the model in place: its state is no longer the file's
+        raise ValueError(f"{spec.name}: the weights of a backbone that already ran cannot be fingerprinted; load a fresh one")
     kind, _, rest = choice.tag.partition(":")
     fingerprint = state_fingerprint(backbone.model)
     if kind == "imagenet":
@@ -104,7 +110,6 @@ class _ShardExtractor:
         options: dict,
         counter: Any,
     ):
-        t0 = time.perf_counter()
         torch.set_num_threads(threads)
         model, choice = build_model(spec, source.file or "random", seed=source.seed)
         got = state_fingerprint(model)
@@ -116,7 +121,7 @@ class _ShardExtractor:
         self.backbone = LoadedBackbone(spec, model, spec.transforms(), choice)
         self.features_dir, self.tag, self.calibration = features_dir, weights_tag, calibration
         self.options, self.counter = options, counter
-        self.load_seconds = time.perf_counter() - t0
+        self.ready_at = time.time()  # wall clock: the driver compares it with its own (one machine, or synced clocks)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         positions = batch["position"].to_numpy(np.int64)
@@ -141,9 +146,10 @@ class _ShardExtractor:
             "digests": {k: [d.bytes, d.sha256] for k, d in writer.digests.items()},
             "device": stats.device, "precision": stats.precision, "graph": stats.graph,
             "num_workers": stats.num_workers, "seconds": stats.seconds, "prepare_seconds": stats.prepare_seconds,
-            "load_seconds": self.load_seconds, "int8_calibration": stats.int8_calibration, "notes": stats.notes,
+            "ready_at": self.ready_at, "int8_calibration": stats.int8_calibration, "notes": stats.notes,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "actor": f"{socket.gethostname()}:{os.getpid()}",
         }
-        self.load_seconds = 0.0  # paid once per actor
         return pd.DataFrame(
             {
                 "position": positions,
@@ -178,7 +184,11 @@ class RayExtraction:
     extraction: update.Extraction
     workers: int  # actors in the pool
     shards: int  # batches = shards written
-    setup_seconds: float  # the slowest actor's backbone load (included in extraction.stats.seconds)
+    # from the call until the last actor had loaded the backbone (process start, imports, weights;
+    # included in extraction.stats.seconds)
+    setup_seconds: float
+    worker_peak_rss_mb: float  # the largest actor process's peak resident memory
+    actors_used: int  # actors that wrote at least one shard
 
 
 def _ensure_int8_calibration(backbone: LoadedBackbone, paths: list, calibration: Path, batch_size: int) -> None:
@@ -212,13 +222,15 @@ def extract_on_ray(
     progress_every_s: float = 10.0,
     rows_per_shard: int = MAX_ROWS_PER_SHARD,
     num_workers: int | None = None,
+    wait_for_actors_s: float = 600.0,
     **options: Any,
 ) -> RayExtraction:
     """Features of ``plan.todo`` computed by actors of the connected Ray cluster (see the module doc;
     ``ray.init`` is the caller's, e.g. :func:`~visrec_pipeline.distributed.cluster.ray_session`).
     ``options``: :func:`extract_features`' device, precision, batch_size, cpu_graph, run in every
     actor. ``progress(done, total, images_per_s)`` is called on this thread every ``progress_every_s``
-    and at the end. Returns an :class:`update.Extraction` for :func:`update.commit` (one shard per
+    and at the end. ``wait_for_actors_s``: how long the whole actor pool may take to start (an
+    autoscaling cluster adds nodes first). Returns an :class:`update.Extraction` for :func:`update.commit` (one shard per
     batch), with the pool's size."""
     import ray
 
@@ -227,11 +239,11 @@ def extract_on_ray(
     spec, tag = backbone.spec, backbone.weights.tag
     todo = plan.todo
     n = len(todo)
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     precision = options.get("precision", "auto")
     stats = ExtractStats(n_images=n, n_ok=0, precision=precision, batch_size=int(options.get("batch_size", 32)))
     if n == 0:
-        return RayExtraction(update.Extraction(stats, _empty_rows(), [], {}), 0, 0, 0.0)
+        return RayExtraction(update.Extraction(stats, _empty_rows(), [], {}), 0, 0, 0.0, 0.0, 0)
     resources = ray.cluster_resources()
     workers = settings.worker_count(resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     item_ids = todo["item_id"].to_numpy(np.int64)
@@ -241,52 +253,61 @@ def extract_on_ray(
         resolve_precision("int8", torch.device("cpu"))  # a clear error here rather than in every actor
         _ensure_int8_calibration(backbone, paths, calibration, stats.batch_size)
 
-    units = max(min(workers, n), math.ceil(n / rows_per_shard))
-    bounds = np.linspace(0, n, units + 1).round().astype(np.int64)
+    # blocks of exactly `batch` rows but the last: Ray Data bundles a smaller block with the next
+    # one into one actor call, which would leave another actor idle
+    batch = math.ceil(n / max(min(workers, n), math.ceil(n / rows_per_shard)))
+    bounds = np.append(np.arange(0, n, batch), n)
+    units = len(bounds) - 1
     rows = pd.DataFrame(
         {"position": np.arange(n, dtype=np.int64), "item_id": item_ids, "path": [str(p) if p else "" for p in paths]}
     )
     blocks = [rows.iloc[lo:hi].reset_index(drop=True) for lo, hi in zip(bounds[:-1], bounds[1:])]
     counter = _progress_counter()
     actor_options = {**options, "num_workers": _decode_workers(num_workers, settings)}
-    dataset = ray.data.from_pandas(blocks).map_batches(
-        _ShardExtractor,
-        fn_constructor_kwargs={
-            "spec": spec, "source": weights_source(backbone, init_cache_dir), "features_dir": str(features_dir),
-            "weights_tag": tag, "calibration": str(calibration), "threads": max(1, int(settings.cpus_per_worker)),
-            "options": actor_options, "counter": counter,
-        },
-        batch_size=int(bounds[1] - bounds[0]) if units == 1 else int(np.diff(bounds).max()),
-        batch_format="pandas",
-        # one batch at a time per actor: a batch is a whole shard, queueing a second one on a busy
-        # actor would leave another idle
-        compute=ray.data.ActorPoolStrategy(size=min(workers, units), max_tasks_in_flight_per_actor=1),
-        num_cpus=settings.cpus_per_worker,
-        num_gpus=settings.gpus_per_worker or None,
-    )
     try:
-        with _quiet_ray_data():
+        # the dataset takes a copy of the context when it is created
+        with _data_context(wait_for_actors_s):
+            dataset = ray.data.from_pandas(blocks).map_batches(
+                _ShardExtractor,
+                fn_constructor_kwargs={
+                    "spec": spec, "source": weights_source(backbone, init_cache_dir), "features_dir": str(features_dir),
+                    "weights_tag": tag, "calibration": str(calibration), "threads": max(1, int(settings.cpus_per_worker)),
+                    "options": actor_options, "counter": counter,
+                },
+                batch_size=batch,
+                batch_format="pandas",
+                # one batch at a time per actor: a batch is a whole shard, queueing a second one on a
+                # busy actor would leave another idle
+                compute=ray.data.ActorPoolStrategy(size=min(workers, units), max_tasks_in_flight_per_actor=1),
+                num_cpus=settings.cpus_per_worker,
+                num_gpus=settings.gpus_per_worker or None,
+            )
             outputs, failed = _run_and_report(dataset, counter, n, t0, progress, progress_every_s)
     finally:
         ray.kill(counter)
     if failed is not None:
         _remove_shards(features_dir, spec.name, tag, {s for out in outputs for s in out["shard"] if s})
         raise failed
-    return _gather(outputs, todo, item_ids, stats, t0, workers=min(workers, units))
+    return _gather(outputs, todo, item_ids, stats, t0, started_at, workers=min(workers, units))
 
 
 @contextmanager
-def _quiet_ray_data():
-    """No Ray Data progress bars or execution banners in the step's output: the progress callback reports."""
+def _data_context(wait_for_actors_s: float):
+    """Ray Data settings of this run: no progress bars or banners in the step's output (the progress
+    callback reports), and no batch handed out before the whole pool has started (the first actor
+    up would otherwise take a second shard while another is still loading the backbone)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    keys = ("enable_progress_bars", "print_on_execution_start", "wait_for_min_actors_s")
+    saved = {k: getattr(ctx, k) for k in keys}
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    ctx.wait_for_min_actors_s = max(1, math.ceil(wait_for_actors_s))
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        for k, v in saved.items():
+            setattr(ctx, k, v)
 
 
 def _run_and_report(dataset, counter, total: int, t0: float, progress, every_s: float):
@@ -308,7 +329,7 @@ def _run_and_report(dataset, counter, total: int, t0: float, progress, every_s: 
     while thread.is_alive():
         thread.join(timeout=every_s)
         if progress is not None and thread.is_alive():
-            done = int(ray.get(counter.total.remote()))
+            done = min(int(ray.get(counter.total.remote())), total)  # a retried batch counts twice
             progress(done, total, done / max(time.perf_counter() - t0, 1e-9))
     if progress is not None and not failed:
         progress(total, total, total / max(time.perf_counter() - t0, 1e-9))
@@ -322,7 +343,13 @@ def _empty_rows() -> pd.DataFrame:
 
 
 def _gather(
-    outputs: list[pd.DataFrame], todo: pd.DataFrame, item_ids: np.ndarray, stats: ExtractStats, t0: float, workers: int
+    outputs: list[pd.DataFrame],
+    todo: pd.DataFrame,
+    item_ids: np.ndarray,
+    stats: ExtractStats,
+    t0: float,
+    started_at: float,
+    workers: int,
 ) -> RayExtraction:
     out = pd.concat(outputs, ignore_index=True).sort_values("position", kind="stable")
     pos = out["position"].to_numpy(np.int64)
@@ -356,8 +383,10 @@ def _gather(
     stats.int8_calibration = first["int8_calibration"]
     stats.prepare_seconds = max(m["prepare_seconds"] for m in metas)
     stats.notes = sorted({note for m in metas for note in m["notes"]})
-    setup = max(m["load_seconds"] for m in metas)
-    return RayExtraction(update.Extraction(stats, rows, failures, shards), workers, len(metas), setup)
+    setup = max(0.0, max(m["ready_at"] for m in metas) - started_at)
+    rss = max(m["peak_rss_mb"] for m in metas)
+    used = len({m["actor"] for m in metas})
+    return RayExtraction(update.Extraction(stats, rows, failures, shards), workers, len(metas), setup, rss, used)
 
 
 def _remove_shards(features_dir: Path, backbone: str, tag: str, shards: set[str]) -> None:
