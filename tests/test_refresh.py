@@ -15,7 +15,7 @@ from visrec_pipeline import db
 from visrec_pipeline.defs.images import CommonsImageSource
 from visrec_pipeline.defs.incoming import BATCHES, INCOMING_ASSET
 from visrec_pipeline.defs.refresh import incoming_files_sensor
-from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import ComputeResource, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.demo.generate import generate_demo_dataset
 from visrec_pipeline.paths import Workspace
 
@@ -67,6 +67,7 @@ def env(tmp_path):
         "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
         "duckdb": VisrecDuckDB(database=str(ws.db_path)),
         "commons": CommonsImageSource(),
+        "compute": ComputeResource(),
     }
     defs = build_definitions(resources)
     with dg.DagsterInstance.ephemeral() as instance:

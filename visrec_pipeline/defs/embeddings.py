@@ -206,7 +206,9 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         def progress(done: int, total: int, rate: float) -> None:
             context.log.info(f"{spec.name}: {done}/{total} images, {rate:.1f} images/s")
 
-        options = dict(device=config.device, precision=config.precision, batch_size=config.batch_size, cpu_graph=config.cpu_graph)
+        options = dict(
+            device=config.device, precision=config.precision, batch_size=config.batch_size, cpu_graph=config.cpu_graph
+        )
         compute_settings = compute.settings
         if compute_settings.distributed and len(plan.todo):
             # actors write the shards; this step alone commits the index below

@@ -119,8 +119,8 @@ def _ray_cli() -> str:
 class LocalRayCluster:
     """A private Ray cluster of this machine: a head that runs no tasks and ``workers`` worker nodes
     (separate processes) of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` of this machine's GPUs)
-    each, started from this interpreter; ``close()``
-    stops exactly these processes (never ``ray stop``, which stops every Ray process of the machine).
+    each, started from this interpreter; ``close()`` stops exactly these processes (never ``ray
+    stop``, which stops every Ray process of the machine).
 
     Token authentication is off for it: its nodes are processes of this machine and its state lives
     in a private temp dir. A shared cluster should keep Ray's token authentication on."""
