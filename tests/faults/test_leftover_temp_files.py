@@ -20,7 +20,7 @@ from torchvision import models
 from visrec_pipeline.defs.embeddings import embedding_asset
 from visrec_pipeline.defs.images import CommonsImageSource, item_images
 from visrec_pipeline.defs.ingest import INGEST_ASSETS
-from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import ComputeResource, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.embeddings.backbones import BackboneSpec
 from visrec_pipeline.paths import Workspace
 
@@ -44,6 +44,7 @@ def _resources(ws: Workspace) -> dict:
         "settings": VisrecSettings(data_dir=str(ws.data_dir), dataset=ws.dataset),
         "duckdb": VisrecDuckDB(database=str(ws.db_path)),
         "commons": CommonsImageSource(api_url="http://127.0.0.1:9/w/api.php", contact="ops@example.org"),
+        "compute": ComputeResource(),
     }
 
 

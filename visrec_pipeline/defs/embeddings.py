@@ -12,9 +12,11 @@ from pydantic import Field
 
 from visrec_pipeline.backbone import FEATURE_BACKBONE
 from visrec_pipeline.defs.automation import data_side
-from visrec_pipeline.defs.resources import VisrecDuckDB, VisrecSettings
+from visrec_pipeline.defs.resources import ComputeResource, VisrecDuckDB, VisrecSettings
 from visrec_pipeline.defs.temp_files import remove_leftover_temps
 from visrec_pipeline.devices import resolve_device
+from visrec_pipeline.distributed.cluster import ray_session
+from visrec_pipeline.distributed.embeddings import extract_on_ray
 from visrec_pipeline.embeddings import bring_your_own, preview, store, update
 from visrec_pipeline.embeddings.backbones import BACKBONES, BackboneSpec
 from visrec_pipeline.embeddings.extract import load_backbone
@@ -71,6 +73,7 @@ def _embedding_metadata(
     provenance: dict,
     committed: update.Committed,
     grid: bytes | None,
+    engine: dict,
 ) -> dict:
     stats = extraction.stats
     regions, channels = provenance["spatial_regions"], provenance["spatial_channels"]
@@ -90,6 +93,7 @@ def _embedding_metadata(
         "weights_used": choice.used,
         "weights_tag": choice.tag,
         "weights_warning": choice.warning or "none",
+        **engine,
         "device": stats.device,
         "precision": stats.precision,
         "graph": stats.graph,
@@ -165,7 +169,11 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         automation_condition=data_side(),
     )
     def _asset(
-        context: dg.AssetExecutionContext, config: EmbeddingConfig, settings: VisrecSettings, duckdb: VisrecDuckDB
+        context: dg.AssetExecutionContext,
+        config: EmbeddingConfig,
+        settings: VisrecSettings,
+        duckdb: VisrecDuckDB,
+        compute: ComputeResource,
     ) -> dg.MaterializeResult:
         ws = settings.workspace.ensure()
         similar_previews = ws.previews_dir / f"similar_{spec.name}"
@@ -198,19 +206,33 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
         def progress(done: int, total: int, rate: float) -> None:
             context.log.info(f"{spec.name}: {done}/{total} images, {rate:.1f} images/s")
 
-        extraction = update.extract(
-            backbone,
-            plan,
-            ws.root,
-            ws.features_dir,
-            device=config.device,
-            precision=config.precision,
-            batch_size=config.batch_size,
-            num_workers=config.num_workers,
-            progress=progress,
-            progress_every=config.progress_every_batches,
-            cpu_graph=config.cpu_graph,
+        options = dict(
+            device=config.device, precision=config.precision, batch_size=config.batch_size, cpu_graph=config.cpu_graph
         )
+        compute_settings = compute.settings
+        if compute_settings.distributed and len(plan.todo):
+            # actors write the shards; this step alone commits the index below
+            with ray_session(compute_settings) as address:
+                on_ray = extract_on_ray(
+                    backbone, plan, ws.root, ws.features_dir, compute_settings, init_cache_dir=ws.init_cache_dir,
+                    progress=progress, num_workers=config.num_workers, **options,
+                )
+            extraction = on_ray.extraction
+            engine = {
+                "engine": "ray", "ray_address": address, "ray_workers": on_ray.workers, "ray_shards": on_ray.shards,
+                "ray_setup_seconds": round(on_ray.setup_seconds, 2),
+            }
+            context.log.info(
+                f"{spec.name}: {len(plan.todo)} images on Ray ({address}): {on_ray.workers} workers, "
+                f"{on_ray.shards} shards, {extraction.stats.images_per_s:.1f} images/s"
+            )
+        else:
+            extraction = update.extract(
+                backbone, plan, ws.root, ws.features_dir, num_workers=config.num_workers, progress=progress,
+                progress_every=config.progress_every_batches, **options,
+            )
+            # a Ray run with nothing to compute starts no cluster
+            engine = {"engine": "ray (nothing to compute)" if compute_settings.distributed else "local"}
         for note in extraction.stats.notes:
             context.log.warning(note)
         if extraction.failures:
@@ -229,7 +251,7 @@ def embedding_asset(spec: BackboneSpec) -> dg.AssetsDefinition:
             config.neighbours, preview.GridCache(similar_previews),
         )
         return dg.MaterializeResult(
-            metadata=_embedding_metadata(ws, spec, choice, plan, extraction, provenance, committed, grid)
+            metadata=_embedding_metadata(ws, spec, choice, plan, extraction, provenance, committed, grid, engine)
         )
 
     return _asset

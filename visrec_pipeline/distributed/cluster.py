@@ -26,6 +26,18 @@ from typing import Iterator
 
 ENGINES = ("local", "ray")
 
+# A driver started under `uv run` (make, the tests) would have Ray rebuild a uv environment for every
+# worker from an uploaded copy of the working dir (a hook Ray turns on by default), and those workers
+# then lack the installed packages; the workers use the Python their node was started with.
+NO_UV_RUN_HOOK = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def _disable_uv_run_hook() -> None:
+    os.environ.update(NO_UV_RUN_HOOK)  # read when ray is first imported
+    from ray._private import ray_constants
+
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False  # ray may be imported already
+
 
 @dataclass(frozen=True)
 class ComputeSettings:
@@ -106,8 +118,9 @@ def _ray_cli() -> str:
 
 class LocalRayCluster:
     """A private Ray cluster of this machine: a head that runs no tasks and ``workers`` worker nodes
-    (separate processes) of ``cpus_per_worker`` CPUs each, started from this interpreter; ``close()``
-    stops exactly these processes (never ``ray stop``, which stops every Ray process of the machine).
+    (separate processes) of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` of this machine's GPUs)
+    each, started from this interpreter; ``close()`` stops exactly these processes (never ``ray
+    stop``, which stops every Ray process of the machine).
 
     Token authentication is off for it: its nodes are processes of this machine and its state lives
     in a private temp dir. A shared cluster should keep Ray's token authentication on."""
@@ -117,6 +130,7 @@ class LocalRayCluster:
         workers: int = 2,
         cpus_per_worker: int = 1,
         object_store_mb: int = 256,
+        gpus_per_worker: int = 0,
         start_timeout_s: float = 90.0,
     ):
         if workers < 1:
@@ -128,6 +142,7 @@ class LocalRayCluster:
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
+            **NO_UV_RUN_HOOK,
             # the nodes must import this package as the driver does (e.g. a checkout that is not installed)
             "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p),
         }
@@ -150,7 +165,7 @@ class LocalRayCluster:
                 # session dir and one of them times out (seen with two)
                 self._start(
                     [_ray_cli(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                     f"--num-cpus={int(cpus_per_worker)}", "--num-gpus=0", *common, *_node_ports()],
+                     f"--num-cpus={int(cpus_per_worker)}", f"--num-gpus={int(gpus_per_worker)}", *common, *_node_ports()],
                     f"worker{i}",
                 )
                 self._wait_for_log(f"worker{i}", start_timeout_s)
@@ -276,17 +291,6 @@ def parse_local_address(address: str) -> int | None:
     return workers
 
 
-def _workers_use_their_own_environment() -> None:
-    """Ray replicates a driver started by ``uv run`` on the workers by running them under ``uv run`` in a
-    copy of the working directory (its uv hook, applied to every runtime env, e.g. Ray Train's workers):
-    that builds a new environment per worker (offline: none at all). The nodes here run this package
-    from their own environment (module docstring), so the hook is off."""
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    from ray._private import ray_constants  # read once at import: set the constant too
-
-    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
-
-
 @contextmanager
 def ray_session(settings: ComputeSettings) -> Iterator[str]:
     """Connect this process to the cluster of ``settings`` (starting a private one for ``local:N``)
@@ -298,7 +302,7 @@ def ray_session(settings: ComputeSettings) -> Iterator[str]:
     cluster = start_private_cluster(workers) if workers is not None else None
     address = cluster.address if cluster is not None else settings.address
     started_here = False
-    _workers_use_their_own_environment()
+    _disable_uv_run_hook()  # also when already connected: Ray Train reads it when it starts workers
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     try:
         if not ray.is_initialized():

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import duckdb
 import numpy as np
@@ -237,16 +237,28 @@ def commit_index(
     digests: dict[str, FileDigest] | None = None,
     unusable_shards: Iterable[str] = (),
     first_digests: dict[tuple[str, str], dict[str, FileDigest]] | None = None,
+    shards: Mapping[str, dict[str, FileDigest]] | None = None,
 ) -> int:
     """Point the index at the new shard's ``rows`` (``item_id, row, content_hash``), drop rows of
     other weights, of items no longer ok and of ``unusable_shards`` (gone or damaged: the rows of
     their items that were not recomputed), record the new shard's file ``digests``, the
     ``first_digests`` of shards indexed before digests were recorded, and provenance; one
-    transaction. Returns rows dropped."""
-    if len(rows) and not shard:
+    transaction. Returns rows dropped.
+
+    Several new shards (written by distributed workers): ``shard`` None, ``rows`` with a ``shard``
+    column naming one of ``shards`` (new shard -> its file digests)."""
+    if shards is not None:
+        if shard is not None or digests is not None:
+            raise ValueError("give either one shard (shard, digests) or several (shards), not both")
+        unknown = set(rows["shard"]) - set(shards) if len(rows) else set()
+        if unknown:
+            raise ValueError(f"index rows point at shards that were not written: {sorted(unknown)[:5]}")
+    elif len(rows) and not shard:
         raise ValueError("index rows given without the shard that holds them")
     ensure_tables(conn)
-    new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, shard=shard or "", revision=int(revision))[
+    if shards is None:
+        rows = rows.assign(shard=shard or "")
+    new_rows = rows.assign(backbone=backbone, weights_tag=weights_tag, revision=int(revision))[
         ["backbone", "weights_tag", "item_id", "shard", "row", "content_hash", "revision"]
     ]
     conn.register("_new_embedding_rows", new_rows)
@@ -272,6 +284,8 @@ def commit_index(
                 )
                 if digests:
                     shard_files.record(conn, backbone, weights_tag, shard, digests)
+                for name, files in (shards or {}).items():
+                    shard_files.record(conn, backbone, weights_tag, name, files)
             for (tag, old_shard), old_digests in (first_digests or {}).items():
                 shard_files.record(conn, backbone, tag, old_shard, old_digests)
             p = provenance

@@ -4,7 +4,7 @@
    recorded hashes (no connection held), then which ok images need features, the items of a
    damaged shard included.
 2. :func:`extract` (no connection held): their features, into one new shard that appears only
-   once complete.
+   once complete (on a Ray cluster: one shard per worker batch, see distributed/embeddings.py).
 3. :func:`commit`: point the index at the new rows and record the new files' hashes (one
    transaction), compact the shards when there are too many, delete superseded (and damaged)
    shard files, and read back what is now served.
@@ -71,10 +71,11 @@ def plan(connect: Connect, features_dir: Path, backbone: LoadedBackbone) -> Plan
 @dataclass(frozen=True)
 class Extraction:
     stats: ExtractStats
-    shard: str | None  # the new shard; None when nothing was written
-    rows: pd.DataFrame  # item_id, row, content_hash of the images read, rows of ``shard``
+    rows: pd.DataFrame  # item_id, shard, row, content_hash of the images read
     failures: list[tuple[int, str]]  # (item_id, error) of the images that could not be read
-    digests: dict[str, FileDigest]  # kind -> size and SHA-256 of the new shard's files
+    # new shard -> kind -> size and SHA-256 of its files: one shard here, one per worker batch on
+    # a cluster (distributed/embeddings.py); empty when nothing was written
+    shards: dict[str, dict[str, FileDigest]]
 
 
 def extract(
@@ -97,10 +98,15 @@ def extract(
     good = np.ones(len(plan.todo), dtype=bool)
     good[failed_pos] = False
     rows = pd.DataFrame(
-        {"item_id": item_ids[good], "row": np.flatnonzero(good), "content_hash": plan.todo["content_hash"].to_numpy()[good]}
+        {
+            "item_id": item_ids[good],
+            "shard": writer.shard,
+            "row": np.flatnonzero(good),
+            "content_hash": plan.todo["content_hash"].to_numpy()[good],
+        }
     )
     failures = [(int(item_ids[p]), e) for p, e in stats.failures]
-    return Extraction(stats, writer.shard, rows, failures, writer.digests)
+    return Extraction(stats, rows, failures, {writer.shard: writer.digests} if writer.shard else {})
 
 
 def provenance(backbone: LoadedBackbone) -> dict:
@@ -142,7 +148,7 @@ def commit(
     """Point the index at ``extraction``'s rows, then tidy the shards; one connection unless the
     shards need compacting (copied with no connection held)."""
     spec, tag = backbone.spec, backbone.weights.tag
-    written = {(tag, extraction.shard)} if extraction.shard else set()
+    written = {(tag, shard) for shard in extraction.shards}
 
     def tidy(conn: duckdb.DuckDBPyConnection) -> tuple[int, store.FeatureSnapshot, list[tuple[int, str]], int]:
         superseded = (plan.shards_before | written) - store.referenced_shards(conn, spec.name)
@@ -156,11 +162,11 @@ def commit(
             conn,
             spec.name,
             tag,
-            extraction.shard,
+            None,
             extraction.rows,
             provenance,
             spec.revision,
-            digests=extraction.digests,
+            shards=extraction.shards,
             unusable_shards=plan.shard_check.damaged_shards,
             first_digests=plan.shard_check.first_digests,
         )
