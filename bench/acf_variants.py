@@ -9,10 +9,9 @@ printed is a JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import time
+
+from variant_runs import load_split, parse_variant, print_result
 
 VARIANTS: dict[str, dict] = {
     "default": {},  # chunks of 4, grown to bound the attended profile slots per triple at 2
@@ -25,42 +24,18 @@ VARIANTS: dict[str, dict] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("seed", type=int)
-    parser.add_argument("--epochs", type=int, default=8)
-    args = parser.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(1)
-    from visrec_pipeline import db
-    from visrec_pipeline.model_io import build_inputs, load_rec_data
-    from visrec_pipeline.paths import Workspace
+    args = parse_variant(__doc__, VARIANTS, epochs=8, argv=argv)
     from visrec_pipeline.recsys.evaluate import evaluate
     from visrec_pipeline.recsys.registry import build_model, get_spec
 
-    ws = Workspace.from_env()
-    with db.connect(ws.db_path, read_only=True) as conn:
-        data = load_rec_data(conn)
-    fit, validation = data.validation_split()
-    inputs = build_inputs(ws, get_spec("acf").needs, fit)
-    inputs.validation = validation
+    data, fit, inputs = load_split(get_spec("acf").needs)
     model = build_model("acf", {"train": {"epochs": args.epochs, "seed": args.seed}, **VARIANTS[args.variant]})
     start = time.perf_counter()
     history = model.fit(fit, inputs)
     fit_s = time.perf_counter() - start
     auc = evaluate(model.score, data.holdout, len(data.items)).means["auc"]
-    print(json.dumps({
-        "variant": args.variant,
-        "seed": args.seed,
-        "auc": round(float(auc), 5),
-        "best_epoch": history.best_epoch,
-        "val_auc": [round(v, 4) for v in history.val_auc],
-        "fit_s": round(fit_s, 1),
-        "sampler": {k: v for k, v in history.notes.get("sampler", {}).items() if "chunk" in k or "rows" in k},
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-    }))
+    sampler = {k: v for k, v in history.notes.get("sampler", {}).items() if "chunk" in k or "rows" in k}
+    print_result(args, auc, history, fit_s, sampler=sampler)
     return 0
 
 

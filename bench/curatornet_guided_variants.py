@@ -10,10 +10,9 @@ docs/curatornet_guided.md). The last line printed is a JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import time
+
+from variant_runs import load_split, parse_variant, print_result
 
 VARIANTS: dict[str, dict] = {
     "fixed": {},  # the default: one guided set, batches grouped by profile
@@ -45,28 +44,13 @@ VARIANTS: dict[str, dict] = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant", choices=sorted(VARIANTS))
-    parser.add_argument("seed", type=int)
-    parser.add_argument("--epochs", type=int, default=6)
-    args = parser.parse_args(argv)
-
-    import torch
-
-    torch.set_num_threads(1)
-    from visrec_pipeline import db
-    from visrec_pipeline.model_io import FEATURE_BACKBONE, build_inputs, load_rec_data
-    from visrec_pipeline.paths import Workspace
+    args = parse_variant(__doc__, VARIANTS, epochs=6, argv=argv)
+    from visrec_pipeline.model_io import FEATURE_BACKBONE
     from visrec_pipeline.recsys.evaluate import evaluate
     from visrec_pipeline.recsys.guided_sampler import GuidedSamplerConfig
     from visrec_pipeline.recsys.models.curatornet import CuratorNet, CuratorNetConfig
 
-    ws = Workspace.from_env()
-    with db.connect(ws.db_path, read_only=True) as conn:
-        data = load_rec_data(conn)
-    fit, validation = data.validation_split()
-    inputs = build_inputs(ws, frozenset({f"features:{FEATURE_BACKBONE}"}), fit)
-    inputs.validation = validation
+    data, fit, inputs = load_split(frozenset({f"features:{FEATURE_BACKBONE}"}))
     kw = dict(VARIANTS[args.variant])
     sampler = GuidedSamplerConfig(seed=args.seed, **kw.pop("guided", {}))
     config = CuratorNetConfig(train={"epochs": args.epochs, "seed": args.seed}, guided=sampler, **kw)
@@ -74,16 +58,7 @@ def main(argv=None) -> int:
     model = CuratorNet(config)
     history = model.fit(fit, inputs)
     auc = evaluate(model.score, data.holdout, len(data.items)).means["auc"]
-    print(json.dumps({
-        "variant": args.variant,
-        "seed": args.seed,
-        "auc": round(float(auc), 5),
-        "best_epoch": history.best_epoch,
-        "val_auc": [round(v, 4) for v in history.val_auc],
-        "loss": [round(v, 3) for v in history.loss],
-        "wall_s": round(time.perf_counter() - start, 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-    }))
+    print_result(args, auc, history, time.perf_counter() - start, loss=[round(v, 3) for v in history.loss])
     return 0
 
 
