@@ -69,7 +69,8 @@ def test_dvbpr_trains_with_ddp_on_two_workers_and_its_checkpoint_scores(ray_clus
     history = trained.history
     assert history.notes["distributed"]["mode"] == "ddp" and history.notes["distributed"]["workers"] == 2
     assert history.notes["data_parallel"]["backend"] == "gloo"
-    assert history.notes["cost_estimate"]["epoch_seconds"] > 0  # measured in a task on a worker
+    # measured in a task on a worker (the per-image time: a toy epoch can round to 0.0 s on an idle machine)
+    assert history.notes["cost_estimate"]["train_s_per_image"] > 0
     assert len(history.loss) == 4 and history.loss[-1] < history.loss[0]
     assert len(history.val_auc) == 4  # rank 0 validated every epoch
     # the remote epochs reached the driver's log as they ran
